@@ -1,0 +1,150 @@
+"""Wire protocol v1 of akidb-embed, stated once and imported by the daemon and the client.
+
+A request is one msgpack frame: a map with the protocol version ``v``, a request ``id``
+(str or int, echoed back), an ``op`` and that op's fields. A reply is a msgpack header
+frame (``v``, ``id``, ``ok``, then the result or ``code``/``message``); an ``embed`` reply
+adds a second frame holding the vectors as raw little-endian float32, row-major, of the
+header's ``shape``. docs/protocol.md describes every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import BadRequest, EmbedError, UnsupportedVersion, error_for
+
+VERSION = 1
+VECTOR_DTYPE = np.dtype("<f4")
+MAX_ID_LENGTH = 128
+
+_NONE = type(None)
+# Each op's fields and the types they may have; fields not listed are refused.
+OP_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "embed": {
+        "texts": (list,),
+        "model": (str, _NONE),
+        "normalize": (bool, _NONE),
+        "truncate": (bool, _NONE),
+        "prompt": (str, _NONE),
+        "dimensions": (int, _NONE),
+        "timeout_ms": (int, _NONE),
+    },
+    "models": {},
+    "status": {},
+    "ping": {},
+}
+REQUIRED_FIELDS = {"embed": ("texts",)}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A decoded, type-checked request."""
+
+    id: str | int
+    op: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A decoded successful reply; ``vectors`` is set for ``embed``."""
+
+    id: str | int | None
+    result: dict[str, Any]
+    vectors: np.ndarray | None = None
+
+
+def encode_request(op: str, request_id: str | int, **fields: Any) -> bytes:
+    """Pack one request frame; fields that are None are left out."""
+    body = {"v": VERSION, "id": request_id, "op": op}
+    body.update({k: v for k, v in fields.items() if v is not None})
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_request(frame: bytes) -> Request:
+    """Unpack and type-check a request frame; raises an EmbedError naming the problem.
+
+    Invalid UTF-8 in a string becomes lone surrogates here so that the request id
+    survives and the reply can say which text is broken.
+    """
+    try:
+        body = msgpack.unpackb(frame, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise BadRequest(f"the request is not valid msgpack ({exc}); send one msgpack map per request") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request is a msgpack {type(body).__name__}, not a map; send a map with v, id and op")
+    request_id = _request_id(body)
+    version = body.get("v")
+    if version != VERSION:
+        raise UnsupportedVersion(f"protocol version {version!r} is not supported; this daemon speaks v{VERSION}")
+    op = body.get("op")
+    if op not in OP_FIELDS:
+        raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(OP_FIELDS)}")
+    fields = {k: v for k, v in body.items() if k not in ("v", "id", "op")}
+    _check_fields(op, fields)
+    return Request(request_id, op, fields)
+
+
+def request_id_of(frame: bytes) -> str | int | None:
+    """Best-effort id of a request that failed to decode, so its error reply can carry it."""
+    try:
+        body = msgpack.unpackb(frame, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+        return _request_id(body) if isinstance(body, dict) else None
+    except Exception:
+        return None
+
+
+def _request_id(body: dict) -> str | int:
+    request_id = body.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
+        raise BadRequest("the request has no id; set id to a string or an integer")
+    if isinstance(request_id, str) and len(request_id) > MAX_ID_LENGTH:
+        raise BadRequest(f"the request id is longer than {MAX_ID_LENGTH} characters")
+    return request_id
+
+
+def _check_fields(op: str, fields: dict[str, Any]) -> None:
+    allowed = OP_FIELDS[op]
+    for name, value in fields.items():
+        if name not in allowed:
+            raise BadRequest(f"op {op!r} has no field {name!r}; its fields are: {', '.join(allowed) or 'none'}")
+        types = allowed[name]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            expected = " or ".join("null" if t is _NONE else t.__name__ for t in types)
+            raise BadRequest(f"field {name!r} must be {expected}, not {type(value).__name__}")
+    for name in REQUIRED_FIELDS.get(op, ()):
+        if name not in fields:
+            raise BadRequest(f"op {op!r} needs the field {name!r}")
+
+
+def encode_result(request_id: str | int | None, result: dict[str, Any], vectors: np.ndarray | None = None) -> list[bytes]:
+    """Frames of a successful reply; vectors go in their own raw float32 frame."""
+    header = {"v": VERSION, "id": request_id, "ok": True, **result}
+    if vectors is None:
+        return [msgpack.packb(header, use_bin_type=True)]
+    vectors = np.ascontiguousarray(vectors, dtype=VECTOR_DTYPE)
+    header["shape"] = list(vectors.shape)
+    header["dtype"] = VECTOR_DTYPE.str
+    return [msgpack.packb(header, use_bin_type=True), vectors.data]
+
+
+def encode_error(request_id: str | int | None, error: EmbedError) -> list[bytes]:
+    """Frames of an error reply."""
+    header = {"v": VERSION, "id": request_id, "ok": False, "code": error.code, "message": error.message}
+    return [msgpack.packb(header, use_bin_type=True)]
+
+
+def decode_reply(frames: list[bytes]) -> Reply:
+    """Unpack a reply; an error reply raises the EmbedError subclass of its code."""
+    header = msgpack.unpackb(frames[0], raw=False)
+    if not header.get("ok"):
+        raise error_for(header.get("code", "internal"), header.get("message", "no message"))
+    result = {k: v for k, v in header.items() if k not in ("v", "id", "ok", "shape", "dtype")}
+    if len(frames) < 2:
+        return Reply(header.get("id"), result)
+    vectors = np.frombuffer(frames[1], dtype=VECTOR_DTYPE).reshape(header["shape"])
+    return Reply(header.get("id"), result, vectors)

@@ -1,0 +1,131 @@
+"""ONNX Runtime backend: one session per loaded model and the execution-provider chain.
+
+The chain comes from config or manifest (TensorRT → CUDA → CPU by default). A provider this
+onnxruntime build lacks is skipped, a session that fails on a GPU provider is retried on the
+next ones, and a provider ORT silently dropped is noticed: each fallback is logged with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .tokenize import Padded
+
+log = logging.getLogger(__name__)
+
+ORT_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+FEEDABLE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+class BackendError(RuntimeError):
+    """A model that cannot run; the message names the cause."""
+
+
+def provider_chain(
+    requested: Sequence[str], available: Sequence[str], engine_cache: Path
+) -> list[tuple[str, dict[str, str]]]:
+    """ORT providers with their options for the requested chain; CPU always ends it."""
+    chain = []
+    for name in requested:
+        ort_name = ORT_NAMES[name]
+        if ort_name not in available:
+            log.warning("execution provider %s skipped: this onnxruntime build does not have it", name)
+            continue
+        chain.append((ort_name, _provider_options(name, engine_cache)))
+    if not any(ort_name == ORT_NAMES["cpu"] for ort_name, _ in chain):
+        chain.append((ORT_NAMES["cpu"], {}))
+    return chain
+
+
+def _provider_options(name: str, engine_cache: Path) -> dict[str, str]:
+    """TensorRT builds fp16 engines once and keeps them (and its timing cache) on disk."""
+    if name != "tensorrt":
+        return {}
+    return {
+        "trt_fp16_enable": "True",
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(engine_cache),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(engine_cache),
+    }
+
+
+def create_session(
+    model: Path, chain: list[tuple[str, dict[str, str]]], options: ort.SessionOptions
+) -> ort.InferenceSession:
+    """A session on the first provider of the chain that works, logging each fallback."""
+    for start in range(len(chain)):
+        tried = chain[start:]
+        try:
+            session = ort.InferenceSession(
+                str(model), sess_options=options, providers=[p for p, _ in tried], provider_options=[o for _, o in tried]
+            )
+        except Exception as exc:
+            if tried[0][0] == ORT_NAMES["cpu"]:
+                raise BackendError(f"onnxruntime cannot load {model}: {exc}") from None
+            log.warning("%s: %s failed (%s); falling back", model.name, tried[0][0], _first_line(exc))
+            continue
+        _log_dropped(model, [p for p, _ in tried], session.get_providers())
+        return session
+    raise BackendError(f"no execution provider could load {model}")
+
+
+def _log_dropped(model: Path, wanted: list[str], active: list[str]) -> None:
+    """ORT drops a provider it cannot initialise (no device, missing CUDA libraries) with no error."""
+    for provider in wanted:
+        if provider not in active:
+            log.warning("%s: %s could not start (no device or libraries); running on %s", model.name, provider, active[0])
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class OnnxBackend:
+    """One ONNX Runtime session; used by exactly one thread (the model's batcher)."""
+
+    def __init__(self, model: Path, providers: Sequence[str], engine_cache: Path, intra_op_threads: int = 0) -> None:
+        if not model.is_file():
+            raise BackendError(f"the ONNX file {model} does not exist; fix `model` in the manifest or convert the model")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3  # errors only: ORT's warnings are noise in the journal
+        chain = provider_chain(providers, ort.get_available_providers(), engine_cache)
+        self.session = create_session(model, chain, options)
+        self.providers = self.session.get_providers()
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        unknown = [name for name in self.inputs if name not in FEEDABLE_INPUTS]
+        if unknown or "input_ids" not in self.inputs:
+            raise BackendError(
+                f"{model} has inputs {self.inputs}; the daemon feeds {', '.join(FEEDABLE_INPUTS)} "
+                "(input_ids required): re-export the model with those inputs"
+            )
+        self.output = self.session.get_outputs()[0].name
+
+    def run(self, batch: Padded) -> np.ndarray:
+        """Token states [rows, seq, hidden] for one padded batch."""
+        feeds = {"input_ids": batch.ids, "attention_mask": batch.mask}
+        if "token_type_ids" in self.inputs:
+            feeds["token_type_ids"] = np.zeros_like(batch.ids)
+        if "position_ids" in self.inputs:
+            # Left-padded rows must count positions from their first real token.
+            feeds["position_ids"] = np.clip(np.cumsum(batch.mask, axis=1) - 1, 0, None)
+        feeds = {name: value for name, value in feeds.items() if name in self.inputs}
+        (states,) = self.session.run([self.output], feeds)
+        if states.ndim != 3:
+            raise BackendError(f"output {self.output!r} has shape {states.shape}; token states [batch, seq, hidden] expected")
+        return states
+
+    def close(self) -> None:
+        """Release the session and its memory arenas."""
+        del self.session

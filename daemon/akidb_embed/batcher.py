@@ -1,0 +1,226 @@
+"""Per-model queue and batching: the one thread that runs a model's ONNX session.
+
+Requests from any number of clients queue here as ``Job``s. The worker thread takes what is
+waiting (up to ``max_batch`` texts), tokenizes it, sorts the texts by length, cuts batches
+whose padded size (longest × rows) stays within the token budget, runs them, pools, and hands
+each job its vectors in input order on the event loop. A failing batch fails only the jobs
+that had texts in it; the thread logs and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from akidb_embed_client.errors import EmbedError, InputTooLong, InternalError, Overloaded, ShuttingDown
+from tokenizers import Encoding
+
+from . import pooling
+from .backend import OnnxBackend
+from .settings import Limits
+from .tokenize import TextEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A finished job: one vector per text, in input order, and each text's token count."""
+
+    vectors: np.ndarray
+    tokens: list[int]
+
+
+@dataclass
+class Job:
+    """One embed request, prompt already applied; settled exactly once through ``future``."""
+
+    texts: list[str]
+    future: asyncio.Future
+    truncate: bool = True
+    normalize: bool = True
+    dimensions: int | None = None
+    deadline: float = float("inf")  # time.monotonic() after which nobody waits for it
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Row:
+    job: int
+    index: int
+    encoding: Encoding
+
+
+class Batcher:
+    """A bounded queue of jobs for one model and the worker thread that serves it."""
+
+    def __init__(
+        self,
+        name: str,
+        encoder: TextEncoder,
+        backend: OnnxBackend,
+        pooling_mode: str,
+        dimension: int,
+        limits: Limits,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.name = name
+        self.dimension = dimension
+        self.encoder = encoder
+        self.backend = backend
+        self.pooling = pooling_mode
+        self.limits = limits
+        self.loop = loop
+        self._jobs: deque[Job] = deque()
+        self._queued_texts = 0
+        self._closed = False
+        self._wakeup = threading.Condition()
+        self._thread = threading.Thread(target=self._work, name=f"model:{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_texts(self) -> int:
+        return self._queued_texts
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise Overloaded at once when the queue is full."""
+        with self._wakeup:
+            if self._closed:
+                raise ShuttingDown(f"model {self.name} is shutting down; retry")
+            if self._queued_texts + len(job.texts) > self.limits.queue_texts:
+                raise Overloaded(
+                    f"model {self.name} has {self._queued_texts} texts queued (limit {self.limits.queue_texts}); "
+                    "retry later or raise limits.queue_texts"
+                )
+            self._jobs.append(job)
+            self._queued_texts += len(job.texts)
+            self._wakeup.notify()
+
+    def close(self, wait: bool = True) -> None:
+        """Stop taking jobs; the thread finishes what is queued, then exits."""
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        if wait:
+            self._thread.join()
+
+    def _work(self) -> None:
+        while (jobs := self._take()) is not None:
+            try:
+                self._serve(jobs)
+            except Exception as exc:  # the thread must outlive any one bad batch
+                log.exception("model %s: batch failed", self.name)
+                self._settle([(job, InternalError(f"inference failed on {self.name}: {exc}")) for job in jobs])
+
+    def _take(self) -> list[Job] | None:
+        """Block for work; then take what waits, up to max_batch texts (at least one job)."""
+        with self._wakeup:
+            while not self._jobs and not self._closed:
+                self._wakeup.wait()
+            if not self._jobs:
+                return None
+            jobs = [self._jobs.popleft()]
+            count = len(jobs[0].texts)
+            while self._jobs and count + len(self._jobs[0].texts) <= self.limits.max_batch:
+                jobs.append(self._jobs.popleft())
+                count += len(jobs[-1].texts)
+            self._queued_texts -= count
+        return jobs
+
+    def _serve(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        settled: list[tuple[Job, Embedded | EmbedError]] = []
+        live = []
+        for job in jobs:
+            if job.deadline < now:  # its client gave up (and may have resent it)
+                settled.append((job, Overloaded(f"the request waited past its timeout_ms for {self.name}; retry")))
+            else:
+                live.append(job)
+        rows, refused = self._tokenize(live)
+        settled += refused
+        failed: dict[int, EmbedError] = {}
+        outputs = {j: np.empty((len(job.texts), self.dimension), np.float32) for j, job in enumerate(live)}
+        for batch in self._batches(sorted(rows, key=lambda r: len(r.encoding.ids))):
+            self._run_batch(batch, outputs, failed)
+        runnable = {r.job for r in rows}
+        for j, job in enumerate(live):
+            if j in runnable:
+                settled.append((job, failed.get(j) or self._finish(job, outputs[j])))
+        self._settle(settled)
+
+    def _tokenize(self, jobs: list[Job]) -> tuple[list[_Row], list[tuple[Job, EmbedError]]]:
+        """Rows to run, and the jobs refused for an input over max_length with truncate off."""
+        encodings = self.encoder.encode([text for job in jobs for text in job.texts])
+        rows, refused, offset = [], [], 0
+        for j, job in enumerate(jobs):
+            mine = encodings[offset : offset + len(job.texts)]
+            offset += len(job.texts)
+            too_long = [i for i, e in enumerate(mine) if e.overflowing] if not job.truncate else []
+            if too_long:
+                refused.append((job, self._too_long(too_long[0])))
+                continue
+            job.tokens = [len(e.ids) for e in mine]
+            rows += [_Row(j, i, e) for i, e in enumerate(mine)]
+        return rows, refused
+
+    def _too_long(self, index: int) -> InputTooLong:
+        return InputTooLong(
+            f"texts[{index}] is longer than {self.name}'s max_length of {self.encoder.max_length} tokens; "
+            "shorten it, split it, or send truncate=true"
+        )
+
+    def _batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
+        """Consecutive runs of length-sorted rows within the token budget and max_batch."""
+        batch: list[_Row] = []
+        for row in rows:
+            padded_tokens = len(row.encoding.ids) * (len(batch) + 1)  # this row is the longest so far
+            if batch and (padded_tokens > self.limits.batch_tokens or len(batch) >= self.limits.max_batch):
+                yield batch
+                batch = []
+            batch.append(row)
+        if batch:
+            yield batch
+
+    def _run_batch(self, batch: list[_Row], outputs: dict[int, np.ndarray], failed: dict[int, EmbedError]) -> None:
+        padded = self.encoder.pad([r.encoding for r in batch])
+        try:
+            vectors = pooling.pool(self.backend.run(padded), padded.mask, self.pooling)
+        except Exception as exc:
+            log.exception("model %s: a batch of %d texts failed", self.name, len(batch))
+            for r in batch:
+                failed[r.job] = InternalError(f"inference failed on {self.name}: {exc}")
+            return
+        for r, vector in zip(batch, vectors):
+            outputs[r.job][r.index] = vector
+
+    @staticmethod
+    def _finish(job: Job, vectors: np.ndarray) -> Embedded:
+        """Normalization and the Matryoshka cut, which re-normalizes what it keeps."""
+        if job.normalize:
+            vectors = pooling.l2_normalize(vectors)
+        if job.dimensions is not None:
+            vectors = vectors[:, : job.dimensions]
+            if job.normalize:
+                vectors = pooling.l2_normalize(vectors)
+        return Embedded(np.ascontiguousarray(vectors), job.tokens)
+
+    def _settle(self, settled: list[tuple[Job, Embedded | EmbedError]]) -> None:
+        """Hand results to the event loop in one wake-up."""
+        if settled:
+            self.loop.call_soon_threadsafe(_settle_futures, settled)
+
+
+def _settle_futures(settled: list[tuple[Job, Embedded | EmbedError]]) -> None:
+    for job, outcome in settled:
+        if job.future.done():
+            continue
+        if isinstance(outcome, Exception):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)

@@ -1,0 +1,197 @@
+"""Model manifests: one TOML file per model in the catalog, parsed and validated here.
+
+Pure apart from reading the file: ``load_manifest`` returns a frozen ``Manifest`` or raises
+``ManifestError`` whose message names the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .tomlcompat import tomllib
+
+POOLINGS = ("mean", "cls", "last_token")
+PADDING_SIDES = ("right", "left")
+PROVIDERS = ("tensorrt", "cuda", "cpu")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message says why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    path: Path
+    model: Path
+    tokenizer: Path
+    dimension: int
+    max_length: int
+    pooling: str
+    normalize: bool = True
+    name: str = ""
+    family: str = ""
+    params: int | None = None
+    padding_side: str = "right"
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt: str | None = None
+    matryoshka_dimensions: tuple[int, ...] = ()
+    memory_mb: int | None = None
+    languages: tuple[str, ...] = ()
+    multilingual: bool = False
+    license: str = ""
+    default: bool = False
+    enabled: bool = True
+    providers: tuple[str, ...] | None = None
+
+    def resolve_prompt(self, prompt: str | None) -> str:
+        """The text prefixed to each input: a named prompt, a literal prefix, or the default."""
+        if prompt is None:
+            return self.prompts.get(self.default_prompt, "") if self.default_prompt else ""
+        return self.prompts.get(prompt, prompt)
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest as plain data for the ``models`` reply."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "family": self.family,
+            "params": self.params,
+            "dimension": self.dimension,
+            "max_length": self.max_length,
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "prompts": sorted(self.prompts),
+            "matryoshka_dimensions": list(self.matryoshka_dimensions),
+            "memory_mb": self.memory_mb,
+            "languages": list(self.languages),
+            "multilingual": self.multilingual,
+            "license": self.license,
+            "default": self.default,
+            "enabled": self.enabled,
+        }
+
+
+# field name -> (accepted types, required)
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "id": ((str,), True),
+    "model": ((str,), True),
+    "tokenizer": ((str,), True),
+    "dimension": ((int,), True),
+    "max_length": ((int,), True),
+    "pooling": ((str,), True),
+    "normalize": ((bool,), False),
+    "name": ((str,), False),
+    "family": ((str,), False),
+    "params": ((int,), False),
+    "padding_side": ((str,), False),
+    "prompts": ((dict,), False),
+    "default_prompt": ((str,), False),
+    "matryoshka_dimensions": ((list,), False),
+    "memory_mb": ((int,), False),
+    "languages": ((list,), False),
+    "multilingual": ((bool,), False),
+    "license": ((str,), False),
+    "default": ((bool,), False),
+    "enabled": ((bool,), False),
+    "providers": ((list,), False),
+}
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate one manifest file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot read it: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+    return parse_manifest(data, path)
+
+
+def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
+    """Validate manifest data read from ``path`` (relative file paths resolve against its folder)."""
+    _check_types(data, path)
+    manifest = Manifest(
+        **{k: v for k, v in data.items() if k not in ("model", "tokenizer")},
+        path=path,
+        model=_resolve(path, data["model"]),
+        tokenizer=_resolve(path, data["tokenizer"]),
+    )
+    manifest = _normalize_sequences(manifest)
+    _check_values(manifest)
+    return manifest
+
+
+def _check_types(data: dict[str, Any], path: Path) -> None:
+    for name in data:
+        if name not in _FIELDS:
+            raise ManifestError(f"{path}: unknown field {name!r}; known fields: {', '.join(_FIELDS)}")
+    for name, (types, required) in _FIELDS.items():
+        if name not in data:
+            if required:
+                raise ManifestError(f"{path}: missing required field {name!r}")
+            continue
+        value = data[name]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise ManifestError(f"{path}: field {name!r} must be a {types[0].__name__}, not {type(value).__name__}")
+
+
+def _normalize_sequences(manifest: Manifest) -> Manifest:
+    providers = tuple(manifest.providers) if manifest.providers is not None else None
+    return replace(
+        manifest,
+        matryoshka_dimensions=tuple(manifest.matryoshka_dimensions),
+        languages=tuple(manifest.languages),
+        providers=providers,
+    )
+
+
+def _check_values(m: Manifest) -> None:
+    where = f"{m.path}:"
+    if not ID_PATTERN.match(m.id):
+        raise ManifestError(f"{where} id {m.id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
+    if m.path.suffix == ".toml" and m.path.stem != m.id:
+        raise ManifestError(f"{where} id {m.id!r} does not match the file name; name the file {m.id}.toml")
+    if m.pooling not in POOLINGS:
+        raise ManifestError(f"{where} pooling {m.pooling!r} is not one of {', '.join(POOLINGS)}")
+    if m.padding_side not in PADDING_SIDES:
+        raise ManifestError(f"{where} padding_side {m.padding_side!r} is not one of {', '.join(PADDING_SIDES)}")
+    for name in ("dimension", "max_length", "memory_mb", "params"):
+        value = getattr(m, name)
+        if value is not None and value <= 0:
+            raise ManifestError(f"{where} {name} must be positive, not {value}")
+    for dim in m.matryoshka_dimensions:
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= m.dimension:
+            raise ManifestError(f"{where} matryoshka_dimensions must be integers in 1..{m.dimension}, not {dim!r}")
+    for name, text in m.prompts.items():
+        if not isinstance(text, str):
+            raise ManifestError(f"{where} prompt {name!r} must be a string")
+    if m.default_prompt is not None and m.default_prompt not in m.prompts:
+        raise ManifestError(f"{where} default_prompt {m.default_prompt!r} is not one of the prompts")
+    if not all(isinstance(lang, str) for lang in m.languages):
+        raise ManifestError(f"{where} languages must be strings")
+    for provider in m.providers or ():
+        if provider not in PROVIDERS:
+            raise ManifestError(f"{where} provider {provider!r} is not one of {', '.join(PROVIDERS)}")
+
+
+def _resolve(manifest_path: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else (manifest_path.parent / path).resolve()
+
+
+def fingerprint(manifest: Manifest) -> str:
+    """Content hash over the ONNX file, the tokenizer and the pooling settings (hex, 16 chars)."""
+    digest = hashlib.sha256()
+    for path in (manifest.model, manifest.tokenizer):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    digest.update(f"{manifest.pooling}|{manifest.normalize}|{manifest.max_length}|{manifest.padding_side}".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,156 @@
+"""The ZeroMQ ROUTER socket: receive, decode, dispatch, reply. The only thread on the socket.
+
+Requests arrive as ``[identity, b"", request]`` (REQ clients; DEALER clients send the empty
+delimiter themselves). Cheap ops are answered inline; each ``embed`` becomes a task so the
+loop never waits on tokenization or inference. This module is also the one place where
+exceptions become error replies: every request gets exactly one reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+from akidb_embed_client import protocol
+from akidb_embed_client.errors import BadRequest, EmbedError, InternalError, ShuttingDown
+
+from .engine import Engine
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o660
+# Past this a frame is refused by ZeroMQ itself (the peer is disconnected, no reply):
+# a safety net against memory exhaustion far above the byte limit that gets a clear error.
+HARD_FRAME_FACTOR = 16
+
+
+class SocketInUse(RuntimeError):
+    """Another daemon answers on the socket path."""
+
+
+class Server:
+    """Owns the ROUTER socket; runs ``Engine`` ops for each request."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.context = zmq.asyncio.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.tasks: set[asyncio.Task] = set()
+        self.accepting = True
+
+    def bind(self) -> None:
+        """Bind ``ipc://`` at the socket path with mode 0660, replacing a stale socket file."""
+        path = self.settings.socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _claim(path)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.settings.limits.max_request_bytes * HARD_FRAME_FACTOR)
+        old_umask = os.umask(0o117)  # no window in which the socket is world-accessible
+        try:
+            self.socket.bind(f"ipc://{path}")
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, SOCKET_MODE)
+        log.info("listening on ipc://%s", path)
+
+    async def serve(self) -> None:
+        """Answer requests until cancelled."""
+        while True:
+            self._dispatch(await self.socket.recv_multipart())
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting embeds and wait up to ``grace`` seconds for those in flight."""
+        self.accepting = False
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=grace)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.context.term()
+        self.settings.socket.unlink(missing_ok=True)
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        envelope, body = _split_envelope(frames)
+        request_id = None
+        try:
+            if len(body) != 1:
+                raise BadRequest(f"a request is one msgpack frame, not {len(body)}; use a REQ or DEALER socket")
+            if len(body[0]) > self.settings.limits.max_request_bytes:
+                request_id = protocol.request_id_of(body[0])
+                raise BadRequest(
+                    f"the request is {len(body[0])} bytes; the limit is {self.settings.limits.max_request_bytes} "
+                    "(limits.max_request_bytes): split the texts across requests"
+                )
+            request = protocol.decode_request(body[0])
+            request_id = request.id
+            if request.op == "embed":
+                self._start_embed(envelope, request)
+                return
+            result = getattr(self.engine, request.op)()
+            self._send(envelope, protocol.encode_result(request_id, result))
+        except EmbedError as exc:
+            if request_id is None and body:
+                request_id = protocol.request_id_of(body[0])
+            self._send(envelope, protocol.encode_error(request_id, exc))
+        except Exception as exc:
+            log.exception("request %r failed", request_id)
+            self._send(envelope, protocol.encode_error(request_id, InternalError(f"internal error: {exc}")))
+
+    def _start_embed(self, envelope: list[bytes], request: protocol.Request) -> None:
+        if not self.accepting:
+            raise ShuttingDown("the daemon is shutting down; retry in a moment")
+        task = asyncio.ensure_future(self._embed(envelope, request))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _embed(self, envelope: list[bytes], request: protocol.Request) -> None:
+        try:
+            header, vectors = await self.engine.embed(request.fields)
+            frames = protocol.encode_result(request.id, header, vectors)
+        except EmbedError as exc:
+            frames = protocol.encode_error(request.id, exc)
+        except Exception as exc:
+            log.exception("embed request %r failed", request.id)
+            frames = protocol.encode_error(request.id, InternalError(f"internal error: {exc}"))
+        self._send(envelope, frames)
+
+    def _send(self, envelope: list[bytes], frames: list) -> None:
+        # ROUTER silently drops replies to peers that went away: a vanished client costs nothing.
+        sent = self.socket.send_multipart(envelope + frames, copy=False)
+        sent.add_done_callback(_log_send_failure)
+
+
+def _log_send_failure(sent: asyncio.Future) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        log.warning("reply dropped: %s", sent.exception())
+
+
+def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Routing frames up to the empty delimiter, and the body after it."""
+    for i, frame in enumerate(frames):
+        if not frame:
+            return frames[: i + 1], frames[i + 1 :]
+    return frames[:1], frames[1:]
+
+
+def _claim(path: Path) -> None:
+    """Remove a stale socket file, or refuse if a live daemon answers on it."""
+    if not path.exists():
+        return
+    context = zmq.Context.instance()
+    probe = context.socket(zmq.REQ)
+    probe.setsockopt(zmq.LINGER, 0)
+    try:
+        probe.connect(f"ipc://{path}")
+        probe.send(protocol.encode_request("ping", "claim"))
+        if probe.poll(300):
+            raise SocketInUse(f"another akidb-embed answers on {path}; stop it or choose another --socket")
+    finally:
+        probe.close()
+    path.unlink()

@@ -1,0 +1,104 @@
+"""Daemon settings: a frozen ``Settings`` read once from the TOML config, then CLI and env.
+
+Precedence for each value: command line, then ``AKIDB_EMBED_SOCKET`` (socket only), then the
+config file, then the defaults below. A missing config file at the default path is fine (the
+defaults apply); a missing file named explicitly, or a bad value, is a ``SettingsError``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .manifest import PROVIDERS
+from .tomlcompat import tomllib
+
+DEFAULT_CONFIG = Path("/etc/akidb-embed/akidb-embed.toml")
+DEFAULT_SOCKET = Path("/run/akidb-embed/embed.sock")
+SOCKET_ENV = "AKIDB_EMBED_SOCKET"
+
+
+class SettingsError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_texts: int = 256  # texts in one request
+    max_request_bytes: int = 4 << 20  # one request frame
+    queue_texts: int = 4096  # texts waiting per model before `overloaded`
+    batch_tokens: int = 16384  # padded length x count of one inference batch
+    max_batch: int = 128  # texts in one inference batch
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise SettingsError(f"limits.{f.name} must be a positive integer, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    socket: Path = DEFAULT_SOCKET
+    catalog: Path = Path("/etc/akidb-embed/models.d")
+    state_dir: Path = Path("/var/lib/akidb-embed")
+    cache_dir: Path = Path("/var/cache/akidb-embed")
+    default_model: str | None = None  # overrides the manifest marked default = true
+    providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
+    intra_op_threads: int = 0  # 0: ONNX Runtime picks (one per core)
+    drain_seconds: float = 10.0  # on stop, how long requests in flight may take to finish
+    log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.providers if p not in PROVIDERS]
+        if unknown or not self.providers:
+            raise SettingsError(f"providers must be a non-empty list of {', '.join(PROVIDERS)}, not {list(self.providers)}")
+        if self.intra_op_threads < 0:
+            raise SettingsError("intra_op_threads must be 0 (automatic) or positive")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise SettingsError(f"log_level {self.log_level!r} is not one of debug, info, warning, error")
+
+
+_PATH_KEYS = ("socket", "catalog", "state_dir", "cache_dir")
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``config`` (or the default path if it exists), env, then ``overrides``.
+
+    Overrides that are None are ignored, so argparse results can be passed straight in.
+    """
+    data = _read_config(config)
+    limits = data.pop("limits", {})
+    if not isinstance(limits, dict):
+        raise SettingsError("[limits] must be a table")
+    if os.environ.get(SOCKET_ENV):
+        data["socket"] = os.environ[SOCKET_ENV]
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(Settings)} - {"limits"}
+    unknown = set(data) - known
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    for key in _PATH_KEYS:
+        if key in data:
+            data[key] = Path(data[key])
+    if "providers" in data:
+        data["providers"] = tuple(data["providers"])
+    try:
+        return Settings(**data, limits=Limits(**limits))
+    except TypeError as exc:
+        raise SettingsError(f"bad setting: {exc}") from None
+
+
+def _read_config(config: Path | None) -> dict[str, Any]:
+    path = config or DEFAULT_CONFIG
+    if config is None and not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"cannot read config {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config {path} is not valid TOML: {exc}") from None
