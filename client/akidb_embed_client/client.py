@@ -1,0 +1,187 @@
+"""Blocking client of the akidb-embed daemon: Lazy Pirate request-reply over a REQ socket.
+
+A ``Client`` is not thread-safe (ZeroMQ sockets are not): use one Client per thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from .errors import InternalError, Unavailable
+from .protocol import Reply, decode_reply, encode_request
+
+DEFAULT_SOCKET = "/run/akidb-embed/embed.sock"
+SOCKET_ENV = "AKIDB_EMBED_SOCKET"
+
+
+def resolve_socket(socket: str | os.PathLike[str] | None) -> str:
+    """The socket path: the argument, else ``$AKIDB_EMBED_SOCKET``, else the default."""
+    if socket is not None:
+        return os.fspath(socket)
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class Embeddings(np.ndarray):
+    """float32 vectors of shape (n, dim), in input order, with the reply's model metadata."""
+
+    model: str | None
+    fingerprint: str | None
+    dimension: int | None
+    tokens: list[int] | None
+
+    _META = ("model", "fingerprint", "dimension", "tokens")
+
+    @classmethod
+    def from_reply(cls, reply: Reply) -> Embeddings:
+        """Wrap an embed reply; the vectors are copied so the array is writable."""
+        if reply.vectors is None:
+            raise InternalError("the embed reply has no vector frame; the daemon and client disagree on the protocol")
+        out = reply.vectors.astype(np.float32).view(cls)
+        out.model = reply.result.get("model")
+        out.fingerprint = reply.result.get("fingerprint")
+        out.dimension = reply.result.get("dim")
+        out.tokens = reply.result.get("tokens")
+        return out
+
+    def __array_finalize__(self, obj: Any) -> None:
+        """Carry the metadata over to views and slices."""
+        for name in self._META:
+            setattr(self, name, getattr(obj, name, None))
+
+
+def embed_fields(
+    texts: str | Sequence[str],
+    model: str | None,
+    normalize: bool | None,
+    truncate: bool | None,
+    prompt: str | None,
+    dimensions: int | None,
+    timeout: float,
+) -> dict[str, Any]:
+    """The fields of an embed request; a single string is a list of one."""
+    return {
+        "texts": [texts] if isinstance(texts, str) else list(texts),
+        "model": model,
+        "normalize": normalize,
+        "truncate": truncate,
+        "prompt": prompt,
+        "dimensions": dimensions,
+        # The daemon drops work whose caller has given up waiting for this attempt.
+        "timeout_ms": max(1, round(timeout * 1000)),
+    }
+
+
+def reply_id(frames: list[bytes]) -> str | int | None:
+    """The id in a reply header, or None when the header or its id is unusable."""
+    try:
+        header = msgpack.unpackb(frames[0], raw=False)
+    except Exception:  # msgpack raises several unrelated types for garbage
+        return None
+    found = header.get("id") if isinstance(header, dict) else None
+    return found if isinstance(found, (str, int)) else None
+
+
+def request_ids() -> Iterator[str]:
+    """Ids unique across clients (random prefix) and within one (counter)."""
+    prefix = uuid.uuid4().hex[:12]
+    return (f"{prefix}-{n}" for n in itertools.count(1))
+
+
+def unavailable(path: str, tries: int, timeout: float) -> Unavailable:
+    """The error for a daemon that never answered, naming the socket and the likely fixes."""
+    missing = "" if os.path.exists(path) else " (the socket file does not exist)"
+    return Unavailable(
+        f"no reply from the akidb-embed daemon at {path}{missing} after {tries} tries of {timeout:g} s each; "
+        "is the daemon running (systemctl status akidb-embed)? can this user open the socket "
+        f"(is it in the akidb-embed group)? set {SOCKET_ENV} or pass the socket path if it lives elsewhere"
+    )
+
+
+class Client:
+    """Blocking client; one per thread. Use as a context manager or call ``close()``."""
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 10.0, retries: int = 3) -> None:
+        self.socket_path = resolve_socket(socket)
+        self.timeout = timeout
+        self.retries = max(1, retries)
+        self._ids = request_ids()
+        self._socket: zmq.Socket | None = None
+
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        model: str | None = None,
+        *,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+    ) -> Embeddings:
+        """Embed one text or a list of texts; rows follow the input order."""
+        fields = embed_fields(texts, model, normalize, truncate, prompt, dimensions, self.timeout)
+        return Embeddings.from_reply(self._call("embed", **fields))
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every model in the catalog with its state."""
+        return self._call("models").result["models"]
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's status."""
+        return self._call("status").result
+
+    def ping(self) -> dict[str, Any]:
+        """A cheap round trip to check that the daemon answers."""
+        return self._call("ping").result
+
+    def close(self) -> None:
+        """Close the socket; queued requests are dropped."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, op: str, **fields: Any) -> Reply:
+        """Send one request, resending on a fresh socket when no matching reply comes in time."""
+        request_id = next(self._ids)
+        frame = encode_request(op, request_id, **fields)
+        for _ in range(self.retries):
+            frames = self._attempt(frame)
+            if frames is not None and reply_id(frames) == request_id:
+                return decode_reply(frames)
+            # No reply, or one to another request: a REQ socket cannot wait again, so start
+            # over on a new socket (new identity) that stale replies can no longer reach.
+            self.close()
+        raise unavailable(self.socket_path, self.retries, self.timeout)
+
+    def _attempt(self, frame: bytes) -> list[bytes] | None:
+        """One send and wait; None when nothing came back within the timeout."""
+        socket = self._open()
+        try:
+            socket.send(frame)
+            if socket.poll(self.timeout * 1000, zmq.POLLIN):
+                return socket.recv_multipart()
+        except BaseException:
+            # An interrupted REQ socket is stuck waiting for a reply; the next call needs a fresh one.
+            self.close()
+            raise
+        return None
+
+    def _open(self) -> zmq.Socket:
+        if self._socket is None:
+            self._socket = zmq.Context.instance().socket(zmq.REQ)
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.connect(f"ipc://{self.socket_path}")
+        return self._socket

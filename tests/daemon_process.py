@@ -1,0 +1,113 @@
+"""A real akidb-embed daemon process for tests: temporary socket, catalog and config."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from akidb_embed_client import Client
+from akidb_embed_client.errors import Unavailable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Daemon:
+    """A running daemon; ``log()`` is what it wrote to stderr so far."""
+
+    process: subprocess.Popen
+    socket: Path
+    catalog: Path
+    log_path: Path
+
+    def client(self, timeout: float = 30.0, retries: int = 1) -> Client:
+        return Client(self.socket, timeout=timeout, retries=retries)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, settings: dict[str, Any]) -> None:
+    """A daemon config file: top-level keys, then one [table] per dict value."""
+    lines = [f"{k} = {_toml(v)}" for k, v in settings.items() if not isinstance(v, dict)]
+    for table, values in settings.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{table}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@contextlib.contextmanager
+def run_daemon(catalog: Path, ready_timeout: float = 30.0, **settings: Any) -> Iterator[Daemon]:
+    """Start ``akidb-embed serve`` on ``catalog``; stop it with SIGTERM and check it exits 0."""
+    # ipc:// paths must fit in sun_path (108 bytes); pytest's tmp_path can be longer.
+    workdir = Path(tempfile.mkdtemp(prefix="akd-"))
+    socket = workdir / "embed.sock"
+    config = workdir / "akidb-embed.toml"
+    write_config(config, {"state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache"), **settings})
+    log_path = workdir / "daemon.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("AKIDB_EMBED_SOCKET", None)
+    command = [sys.executable, "-m", "akidb_embed", "serve", "--config", str(config), "--socket", str(socket), "--catalog", str(catalog)]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    daemon = Daemon(process, socket, catalog, log_path)
+    try:
+        _wait_ready(daemon, ready_timeout)
+        yield daemon
+    finally:
+        _stop(daemon)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_ready(daemon: Daemon, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not daemon.alive():
+            raise RuntimeError(f"daemon exited with {daemon.process.returncode}:\n{daemon.log()}")
+        if daemon.socket.exists():
+            with Client(daemon.socket, timeout=1.0, retries=1) as client:
+                with contextlib.suppress(Unavailable):
+                    client.ping()
+                    return
+        time.sleep(0.05)
+    raise RuntimeError(f"daemon not ready after {timeout} s:\n{daemon.log()}")
+
+
+def _stop(daemon: Daemon) -> None:
+    if daemon.alive():
+        daemon.signal(signal.SIGTERM)
+        try:
+            daemon.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.process.kill()
+            daemon.process.wait()
+            raise RuntimeError(f"daemon ignored SIGTERM:\n{daemon.log()}") from None
+    if daemon.process.returncode != 0:
+        raise RuntimeError(f"daemon exited with {daemon.process.returncode}:\n{daemon.log()}")

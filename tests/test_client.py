@@ -1,0 +1,289 @@
+"""The client libraries and the CLI against a small stand-in daemon on a real ipc:// socket."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from akidb_embed.cli import add_client_commands
+from akidb_embed_client import (
+    AsyncClient,
+    BadRequest,
+    Client,
+    Embeddings,
+    InputTooLong,
+    InternalError,
+    Overloaded,
+    Unavailable,
+    UnknownModel,
+)
+from akidb_embed_client.errors import EmbedError, error_for
+from akidb_embed_client.protocol import Request, decode_request, encode_error, encode_result
+
+# A handler answers one decoded request with reply frames, or None to stay silent.
+Handler = Callable[[Request], "list[bytes] | None"]
+
+MODELS = [
+    {"id": "mini", "state": "ready", "dimension": 3, "pooling": "mean", "max_length": 256,
+     "default": True, "error": None, "family": "test"},
+    {"id": "broken", "state": "failed", "dimension": 8, "pooling": "cls", "max_length": 512,
+     "default": False, "error": "model.onnx is missing"},
+]
+STATUS = {"version": "0.1.0", "uptime_s": 1.5, "models": {"ready": 1, "failed": 1}, "queue": {}}
+
+
+def vector(text: str) -> list[float]:
+    """A made-up embedding that differs per text, so order mistakes show."""
+    return [float(len(text)), float(sum(map(ord, text)) % 97), 1.0]
+
+
+def answer(request: Request, request_id: str | int | None = None) -> list[bytes]:
+    """What a healthy daemon would reply to ``request``."""
+    rid = request.id if request_id is None else request_id
+    if request.op == "embed":
+        texts = request.fields["texts"]
+        result = {"model": request.fields.get("model") or "mini", "fingerprint": "fp-1", "dim": 3,
+                  "tokens": [len(t) + 2 for t in texts]}
+        return encode_result(rid, result, np.array([vector(t) for t in texts], dtype=np.float32))
+    if request.op == "models":
+        return encode_result(rid, {"models": MODELS})
+    if request.op == "status":
+        return encode_result(rid, STATUS)
+    return encode_result(rid, {"pong": True})
+
+
+class StandIn:
+    """A ROUTER socket in a thread that answers each request with its handler's frames.
+
+    With ``batch`` > 1 it holds replies until that many are ready and sends them in reverse.
+    """
+
+    def __init__(self, path: Path, handler: Handler = answer, batch: int = 1) -> None:
+        self.path = path
+        self.handler = handler
+        self.batch = batch
+        self.requests: list[Request] = []
+        self._stop = threading.Event()
+        self._context = zmq.Context()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.bind(f"ipc://{path}")
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        held: list[list[bytes]] = []
+        while not self._stop.is_set():
+            if not self._router.poll(20):
+                continue
+            identity, delimiter, frame = self._router.recv_multipart()
+            request = decode_request(frame)
+            self.requests.append(request)
+            reply = self.handler(request)
+            if reply is not None:
+                held.append([identity, delimiter, *reply])
+            if len(held) >= self.batch:
+                for message in reversed(held):
+                    self._router.send_multipart(message)
+                held.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._router.close(linger=0)
+        self._context.term()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., StandIn]]:
+    """Start stand-ins on a socket in tmp_path; they stop at the end of the test."""
+    started: list[StandIn] = []
+
+    def start(handler: Handler = answer, batch: int = 1) -> StandIn:
+        stand_in = StandIn(tmp_path / "embed.sock", handler, batch)
+        started.append(stand_in)
+        return stand_in
+
+    yield start
+    for stand_in in started:
+        stand_in.close()
+
+
+def test_embed_returns_float32_rows_in_order_with_metadata(serve: Callable[..., StandIn]) -> None:
+    daemon = serve()
+    texts = ["alpha", "be", "gamma ray"]
+    with Client(daemon.path, timeout=0.5) as client:
+        vectors = client.embed(texts, normalize=False, prompt="query")
+        single = client.embed("solo")
+    assert isinstance(vectors, Embeddings)
+    assert vectors.dtype == np.float32 and vectors.shape == (3, 3)
+    np.testing.assert_array_equal(vectors, np.array([vector(t) for t in texts], dtype=np.float32))
+    assert (vectors.model, vectors.fingerprint, vectors.dimension) == ("mini", "fp-1", 3)
+    assert vectors.tokens == [7, 4, 11]
+    assert vectors[1:].model == "mini" and vectors[0].fingerprint == "fp-1"
+    vectors /= 2  # copied out of the reply frame, so writable
+    assert single.shape == (1, 3)
+    fields = daemon.requests[0].fields
+    assert fields["texts"] == texts and fields["normalize"] is False and fields["prompt"] == "query"
+    assert fields["timeout_ms"] == 500 and "model" not in fields
+    assert daemon.requests[1].fields["texts"] == ["solo"]
+
+
+def test_models_status_and_ping(serve: Callable[..., StandIn]) -> None:
+    daemon = serve()
+    with Client(daemon.path, timeout=0.5) as client:
+        assert client.models() == MODELS
+        assert client.status() == STATUS
+        assert client.ping() == {"pong": True}
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [("unknown_model", UnknownModel), ("input_too_long", InputTooLong), ("overloaded", Overloaded),
+     ("bad_request", BadRequest), ("something_new", InternalError)],
+)
+def test_error_reply_raises_its_class(serve: Callable[..., StandIn], code: str, cls: type[EmbedError]) -> None:
+    daemon = serve(lambda request: encode_error(request.id, error_for(code, "because of a test")))
+    with Client(daemon.path, timeout=0.5) as client, pytest.raises(cls) as caught:
+        client.embed(["x"])
+    assert "because of a test" in caught.value.message
+
+
+def test_retries_after_the_first_request_is_dropped(serve: Callable[..., StandIn]) -> None:
+    daemon = serve(lambda request: None if len(daemon.requests) == 1 else answer(request))
+    with Client(daemon.path, timeout=0.3, retries=3) as client:
+        vectors = client.embed(["again"])
+    np.testing.assert_array_equal(vectors[0], vector("again"))
+    assert len(daemon.requests) == 2 and daemon.requests[0].id == daemon.requests[1].id
+
+
+def test_no_daemon_is_unavailable_after_every_retry(tmp_path: Path) -> None:
+    path = tmp_path / "nobody.sock"
+    started = time.monotonic()
+    with Client(path, timeout=0.2, retries=3) as client, pytest.raises(Unavailable) as caught:
+        client.ping()
+    elapsed = time.monotonic() - started
+    assert 0.55 < elapsed < 1.5
+    message = caught.value.message
+    assert str(path) in message and "3 tries" in message and "systemctl status akidb-embed" in message
+
+
+def test_reply_with_another_id_is_discarded(serve: Callable[..., StandIn]) -> None:
+    def wrong_then_right(request: Request) -> list[bytes]:
+        first = len(daemon.requests) == 1
+        return encode_result("someone-else", {"pong": "wrong"}) if first else answer(request)
+
+    daemon = serve(wrong_then_right)
+    with Client(daemon.path, timeout=0.5) as client:
+        assert client.ping() == {"pong": True}
+    assert len(daemon.requests) == 2
+
+
+def test_socket_defaults_to_the_environment(serve: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon = serve()
+    monkeypatch.setenv("AKIDB_EMBED_SOCKET", str(daemon.path))
+    with Client(timeout=0.5) as client:
+        assert client.socket_path == str(daemon.path)
+        assert client.ping() == {"pong": True}
+    monkeypatch.delenv("AKIDB_EMBED_SOCKET")
+    assert Client().socket_path == "/run/akidb-embed/embed.sock"
+
+
+def test_async_concurrent_embeds_get_their_own_answers(serve: Callable[..., StandIn]) -> None:
+    daemon = serve(batch=20)  # answers only once all 20 are in, last first
+    texts = [f"text number {i}" + "!" * i for i in range(20)]
+
+    async def run() -> list[Embeddings]:
+        async with AsyncClient(daemon.path, timeout=2.0) as client:
+            return await asyncio.gather(*(client.embed(text) for text in texts))
+
+    results = asyncio.run(run())
+    for text, vectors in zip(texts, results):
+        np.testing.assert_array_equal(vectors, [vector(text)])
+        assert vectors.model == "mini"
+    assert len({r.id for r in daemon.requests}) == 20
+
+
+def test_async_resends_and_ignores_duplicate_replies(serve: Callable[..., StandIn]) -> None:
+    # Each reply is held until a second request comes in: the client must time out and resend,
+    # then gets two replies with its id and must take one and ignore the other.
+    daemon = serve(batch=2)
+
+    async def run() -> tuple[dict, dict]:
+        async with AsyncClient(daemon.path, timeout=0.3, retries=3) as client:
+            first = await client.ping()
+            return first, await client.status()
+
+    assert asyncio.run(run()) == ({"pong": True}, STATUS)
+    assert [r.op for r in daemon.requests] == ["ping", "ping", "status", "status"]
+    assert daemon.requests[0].id == daemon.requests[1].id != daemon.requests[2].id
+
+
+def test_async_without_daemon_is_unavailable(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with AsyncClient(tmp_path / "nobody.sock", timeout=0.2, retries=2) as client:
+            await client.embed(["x"])
+
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="2 tries"):
+        asyncio.run(run())
+    assert 0.35 < time.monotonic() - started < 1.2
+
+
+def run_cli(argv: list[str]) -> int:
+    """Parse argv with the client commands and run the chosen one."""
+    parser = argparse.ArgumentParser(prog="akidb-embed")
+    add_client_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_embed_prints_table_and_similarity(
+    serve: Callable[..., StandIn], capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon = serve()
+    long_text = "a rather long sentence that will not fit in the text column at all"
+    assert run_cli(["embed", "hello", long_text, "--socket", str(daemon.path), "--timeout", "0.5",
+                    "--model", "mini", "--dimensions", "3", "--no-normalize"]) == 0
+    out = capsys.readouterr().out
+    assert "text" in out and "norm" in out and "hello" in out and "mini" in out
+    assert long_text not in out and long_text[:30] in out
+    assert "cosine similarity" in out and "+1.0000" in out
+    assert daemon.requests[0].fields["dimensions"] == 3 and daemon.requests[0].fields["normalize"] is False
+
+
+def test_cli_embed_json(serve: Callable[..., StandIn], capsys: pytest.CaptureFixture[str]) -> None:
+    daemon = serve()
+    assert run_cli(["embed", "one", "--json", "--socket", str(daemon.path)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "mini" and data["embeddings"][0]["vector"] == vector("one")
+
+
+def test_cli_models_and_status(serve: Callable[..., StandIn], capsys: pytest.CaptureFixture[str]) -> None:
+    daemon = serve()
+    assert run_cli(["models", "--socket", str(daemon.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["id", "state", "dimension", "pooling", "max_length", "default", "error"]
+    assert lines[2].split() == ["mini", "ready", "3", "mean", "256", "*"]
+    assert "model.onnx is missing" in lines[3]
+    assert run_cli(["status", "--socket", str(daemon.path)]) == 0
+    out = capsys.readouterr().out
+    assert "models.ready" in out and "models.failed" in out and "uptime_s" in out
+
+
+def test_cli_errors_exit_codes(
+    serve: Callable[..., StandIn], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon = serve(lambda request: encode_error(request.id, UnknownModel("no model 'nope'")))
+    assert run_cli(["embed", "x", "--model", "nope", "--socket", str(daemon.path)]) == 2
+    assert capsys.readouterr().err.strip() == "error [unknown_model]: no model 'nope'"
+    assert run_cli(["status", "--socket", str(tmp_path / "nobody.sock"), "--timeout", "0.1"]) == 3
+    assert capsys.readouterr().err.startswith("error [unavailable]: no reply")
