@@ -30,6 +30,10 @@ class BackendError(RuntimeError):
     """A model that cannot run; the message names the cause."""
 
 
+# Providers this process saw fail to start; later loads skip them instead of failing (noisily) again.
+_failed_to_start: set[str] = set()
+
+
 def provider_chain(
     requested: Sequence[str], available: Sequence[str], engine_cache: Path
 ) -> list[tuple[str, dict[str, str]]]:
@@ -39,6 +43,9 @@ def provider_chain(
         ort_name = ORT_NAMES[name]
         if ort_name not in available:
             log.warning("execution provider %s skipped: this onnxruntime build does not have it", name)
+            continue
+        if ort_name in _failed_to_start:
+            log.info("execution provider %s skipped: it failed to start earlier", name)
             continue
         chain.append((ort_name, _provider_options(name, engine_cache)))
     if not any(ort_name == ORT_NAMES["cpu"] for ort_name, _ in chain):
@@ -50,6 +57,7 @@ def _provider_options(name: str, engine_cache: Path) -> dict[str, str]:
     """TensorRT builds fp16 engines once and keeps them (and its timing cache) on disk."""
     if name != "tensorrt":
         return {}
+    engine_cache.mkdir(parents=True, exist_ok=True)
     return {
         "trt_fp16_enable": "True",
         "trt_engine_cache_enable": "True",
@@ -83,7 +91,14 @@ def _log_dropped(model: Path, wanted: list[str], active: list[str]) -> None:
     """ORT drops a provider it cannot initialise (no device, missing CUDA libraries) with no error."""
     for provider in wanted:
         if provider not in active:
-            log.warning("%s: %s could not start (no device or libraries); running on %s", model.name, provider, active[0])
+            _failed_to_start.add(provider)
+            log.warning(
+                "%s: %s could not start (no GPU, or its CUDA/TensorRT libraries are missing: see onnxruntime's "
+                "message above); running on %s",
+                model.name,
+                provider,
+                active[0],
+            )
 
 
 def _first_line(exc: Exception) -> str:

@@ -79,6 +79,7 @@ class Batcher:
         self.loop = loop
         self._jobs: deque[Job] = deque()
         self._queued_texts = 0
+        self.batches_run = 0  # inference batches; fewer than requests when requests share batches
         self._closed = False
         self._wakeup = threading.Condition()
         self._thread = threading.Thread(target=self._work, name=f"model:{name}", daemon=True)
@@ -146,8 +147,10 @@ class Batcher:
         settled += refused
         failed: dict[int, EmbedError] = {}
         outputs = {j: np.empty((len(job.texts), self.dimension), np.float32) for j, job in enumerate(live)}
-        for batch in self._batches(sorted(rows, key=lambda r: len(r.encoding.ids))):
-            self._run_batch(batch, outputs, failed)
+        rows.sort(key=lambda r: len(r.encoding.ids))
+        lengths = [len(r.encoding.ids) for r in rows]
+        for start, stop in cut_batches(lengths, self.limits.batch_tokens, self.limits.max_batch):
+            self._run_batch(rows[start:stop], outputs, failed)
         runnable = {r.job for r in rows}
         for j, job in enumerate(live):
             if j in runnable:
@@ -175,20 +178,9 @@ class Batcher:
             "shorten it, split it, or send truncate=true"
         )
 
-    def _batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
-        """Consecutive runs of length-sorted rows within the token budget and max_batch."""
-        batch: list[_Row] = []
-        for row in rows:
-            padded_tokens = len(row.encoding.ids) * (len(batch) + 1)  # this row is the longest so far
-            if batch and (padded_tokens > self.limits.batch_tokens or len(batch) >= self.limits.max_batch):
-                yield batch
-                batch = []
-            batch.append(row)
-        if batch:
-            yield batch
-
     def _run_batch(self, batch: list[_Row], outputs: dict[int, np.ndarray], failed: dict[int, EmbedError]) -> None:
         padded = self.encoder.pad([r.encoding for r in batch])
+        self.batches_run += 1
         try:
             vectors = pooling.pool(self.backend.run(padded), padded.mask, self.pooling)
         except Exception as exc:
@@ -214,6 +206,21 @@ class Batcher:
         """Hand results to the event loop in one wake-up."""
         if settled:
             self.loop.call_soon_threadsafe(_settle_futures, settled)
+
+
+def cut_batches(sorted_lengths: list[int], batch_tokens: int, max_batch: int) -> Iterator[tuple[int, int]]:
+    """Slices of ascending token lengths whose padded size (longest x rows) fits the budget.
+
+    A single row longer than the budget still forms a batch of its own.
+    """
+    start = 0
+    for stop, length in enumerate(sorted_lengths):
+        rows = stop - start + 1  # this row is the longest so far: lengths ascend
+        if stop > start and (length * rows > batch_tokens or rows > max_batch):
+            yield start, stop
+            start = stop
+    if sorted_lengths:
+        yield start, len(sorted_lengths)
 
 
 def _settle_futures(settled: list[tuple[Job, Embedded | EmbedError]]) -> None:

@@ -41,7 +41,8 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     in_flight: int = 0
-    served: int = 0
+    requests: int = 0
+    served: int = 0  # texts
     retired: bool = False
 
     def close(self) -> None:
@@ -120,6 +121,7 @@ class Registry:
         """Drop one reference; a retired model closes when its last request is done."""
         model.in_flight -= 1
         model.served += served
+        model.requests += 1
         if model.retired and model.in_flight == 0:
             model.close()
 
@@ -205,9 +207,11 @@ class Registry:
                 loaded_at=m.loaded_at,
                 last_used=m.last_used,
                 in_flight=m.in_flight,
+                requests=m.requests,
                 served=m.served,
                 load_ms=round(m.load_seconds * 1e3, 1),
                 queued_texts=m.batcher.queued_texts,
+                batches=m.batcher.batches_run,
             )
         return info
 
