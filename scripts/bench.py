@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Benchmark: the daemon over its socket beside in-process ONNX Runtime, same model, same texts.
+
+The in-process baseline is our own stack without the daemon (tokenizer, ONNX Runtime session,
+pooling, normalization in this process): the ceiling the socket path is judged against.
+Usage: scripts/bench.py --catalog .dev/models.d [--model all-minilm-l6-v2] [--texts 512]
+(scripts/dev.sh creates that catalog.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the real-daemon runner the tests use
+
+from akidb_embed import pooling  # noqa: E402
+from akidb_embed.backend import OnnxBackend  # noqa: E402
+from akidb_embed.manifest import Manifest, load_manifest  # noqa: E402
+from akidb_embed.tokenize import TextEncoder  # noqa: E402
+from akidb_embed_client import Client  # noqa: E402
+from daemon_process import run_daemon  # noqa: E402
+from fortunes import fortune_sentences  # noqa: E402
+
+BULK = 32
+CONCURRENT = 16
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+class InProcess:
+    """The same model run directly in this process."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.encoder = TextEncoder(manifest.tokenizer, manifest.max_length, manifest.padding_side)
+        self.backend = OnnxBackend(manifest.model, ["cpu"], Path("/tmp"))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        padded = self.encoder.pad(self.encoder.encode(texts))
+        vectors = pooling.pool(self.backend.run(padded), padded.mask, self.manifest.pooling)
+        return pooling.l2_normalize(vectors) if self.manifest.normalize else vectors
+
+
+def latencies_ms(call: Callable[[list[str]], object], texts: list[str]) -> list[float]:
+    """Round trip of each single-text call, in milliseconds."""
+    out = []
+    for text in texts:
+        started = time.perf_counter()
+        call([text])
+        out.append((time.perf_counter() - started) * 1e3)
+    return out
+
+
+def bulk_rate(call: Callable[[list[str]], object], texts: list[str]) -> float:
+    """Texts per second when sent BULK at a time."""
+    started = time.perf_counter()
+    for i in range(0, len(texts), BULK):
+        call(texts[i : i + BULK])
+    return len(texts) / (time.perf_counter() - started)
+
+
+def concurrent_rate(socket: Path, model: str, texts: list[str]) -> tuple[float, list[float]]:
+    """Texts per second and per-call latencies with CONCURRENT clients sending one text each."""
+    shares = [texts[i::CONCURRENT] for i in range(CONCURRENT)]
+    results: list[list[float]] = [[] for _ in shares]
+
+    def client_loop(n: int) -> None:
+        with Client(socket, timeout=60, retries=1) as client:
+            results[n] = latencies_ms(lambda batch: client.embed(batch, model=model), shares[n])
+
+    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(CONCURRENT)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    return len(texts) / elapsed, [ms for share in results for ms in share]
+
+
+def p50(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[-1]
+
+
+def row(name: str, ours: float, base: float, unit: str, target: str) -> str:
+    ratio = ours / base if base else float("nan")
+    return f"{name:<34} {ours:>10.2f} {base:>10.2f} {unit:<8} {ratio:>6.2f}  {target}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--catalog", type=Path, default=REPO / ".dev" / "models.d")
+    parser.add_argument("--model", default="all-minilm-l6-v2")
+    parser.add_argument("--texts", type=int, default=512, help="real sentences per measurement")
+    args = parser.parse_args()
+    manifest = load_manifest(args.catalog / f"{args.model}.toml")
+    texts = fortune_sentences(args.texts)
+    progress(f"{len(texts)} sentences from Debian's fortunes, model {manifest.id}")
+
+    progress("in-process: warm-up, sequential single texts, bulk")
+    local = InProcess(manifest)
+    local.embed(texts[:BULK])
+    local_single = latencies_ms(local.embed, texts)
+    local_bulk = bulk_rate(local.embed, texts)
+
+    progress("daemon: start, warm-up")
+    with run_daemon(args.catalog, providers=["cpu"]) as daemon, Client(daemon.socket, timeout=60) as client:
+        def remote(batch: list[str]) -> object:
+            return client.embed(batch, model=args.model)
+
+        remote(texts[:BULK])
+        progress("daemon: sequential single texts")
+        daemon_single = latencies_ms(remote, texts)
+        progress(f"daemon: {CONCURRENT} concurrent clients")
+        daemon_concurrent, concurrent_ms = concurrent_rate(daemon.socket, args.model, texts)
+        progress("daemon: bulk")
+        daemon_bulk = bulk_rate(remote, texts)
+
+    sequential_rate = 1e3 / statistics.mean(daemon_single)
+    print(f"\n{'measure':<34} {'daemon':>10} {'in-proc':>10} {'unit':<8} {'ratio':>6}  target")
+    print(row("single text p50", p50(daemon_single), p50(local_single), "ms", "≤ in-proc + 0.5 ms"))
+    print(row("single text p95", p95(daemon_single), p95(local_single), "ms", ""))
+    print(f"{'  p50 overhead':<34} {p50(daemon_single) - p50(local_single):>10.3f} {'':>10} ms")
+    print(row(f"bulk {BULK} texts/request", daemon_bulk, local_bulk, "texts/s", "≥ 0.90"))
+    print(row(f"{CONCURRENT} clients vs daemon sequential", daemon_concurrent, sequential_rate, "texts/s", "> 1.00"))
+    print(f"{'  concurrent call p50':<34} {p50(concurrent_ms):>10.2f} {'':>10} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
