@@ -64,11 +64,13 @@ def write_config(path: Path, settings: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def run_daemon(catalog: Path, ready_timeout: float = 30.0, **settings: Any) -> Iterator[Daemon]:
+def run_daemon(
+    catalog: Path, ready_timeout: float = 30.0, socket: Path | None = None, **settings: Any
+) -> Iterator[Daemon]:
     """Start ``akidb-embed serve`` on ``catalog``; stop it with SIGTERM and check it exits 0."""
     # ipc:// paths must fit in sun_path (108 bytes); pytest's tmp_path can be longer.
     workdir = Path(tempfile.mkdtemp(prefix="akd-"))
-    socket = workdir / "embed.sock"
+    socket = socket or workdir / "embed.sock"
     config = workdir / "akidb-embed.toml"
     write_config(config, {"state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache"), **settings})
     log_path = workdir / "daemon.log"

@@ -48,6 +48,10 @@ RAW_CASES = {
     "not a map": (msgpack.packb([1, 2, 3]), "bad_request", "not a map"),
     "no id": (msgpack.packb({"v": 1, "op": "ping"}), "bad_request", "no id"),
     "unknown op": (msgpack.packb({"v": 1, "id": 1, "op": "explode"}), "bad_request", "unknown op"),
+    "op not a string": (msgpack.packb({"v": 1, "id": 1, "op": ["embed"]}), "bad_request", "unknown op"),
+    "id not utf-8": (msgpack.packb({"v": 1, "id": b"\xff\xfe", "op": "ping"}, use_bin_type=False), "bad_request", "id"),
+    "version true": (msgpack.packb({"v": True, "id": 1, "op": "ping"}), "unsupported_version", "v1"),
+    "negative timeout": (embed_frame(texts=["a"], timeout_ms=-5), "bad_request", "timeout_ms"),
     "version 2": (msgpack.packb({"v": 2, "id": 1, "op": "ping"}), "unsupported_version", "v1"),
     "no texts": (embed_frame(), "bad_request", "'texts'"),
     "texts not a list": (embed_frame(texts="hello"), "bad_request", "'texts' must be list"),
@@ -83,7 +87,7 @@ def test_bad_request_gets_one_clear_error(daemon: Daemon, name: str) -> None:
     assert reply["ok"] is False
     assert reply["code"] == code, reply
     assert cause in reply["message"], reply["message"]
-    if code != "bad_request" or name not in ("not msgpack", "not a map", "no id"):
+    if name not in ("not msgpack", "not a map", "no id", "id not utf-8"):
         assert reply["id"] in ("r1", 1)
     assert_still_serving(daemon)
 
@@ -100,7 +104,7 @@ def test_client_library_maps_codes_to_exceptions(daemon: Daemon) -> None:
             client.embed(["a"], model="nope")
         with pytest.raises(errors.InputTooLong):
             client.embed(["word " * 600], truncate=False)
-        with pytest.raises(errors.BadRequest, match="allowed: 16, 32"):
+        with pytest.raises(errors.BadRequest, match="allowed: 16, 32, 48"):
             client.embed(["a"], model="qwen3-tiny", dimensions=20)
         assert client.embed(["word " * 600]).tokens == [512]  # truncated by default
 

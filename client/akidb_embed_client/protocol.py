@@ -79,10 +79,10 @@ def decode_request(frame: bytes) -> Request:
         raise BadRequest(f"the request is a msgpack {type(body).__name__}, not a map; send a map with v, id and op")
     request_id = _request_id(body)
     version = body.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise UnsupportedVersion(f"protocol version {version!r} is not supported; this daemon speaks v{VERSION}")
     op = body.get("op")
-    if op not in OP_FIELDS:
+    if not isinstance(op, str) or op not in OP_FIELDS:
         raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(OP_FIELDS)}")
     fields = {k: v for k, v in body.items() if k not in ("v", "id", "op")}
     _check_fields(op, fields)
@@ -94,7 +94,7 @@ def request_id_of(frame: bytes) -> str | int | None:
     try:
         body = msgpack.unpackb(frame, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
         return _request_id(body) if isinstance(body, dict) else None
-    except Exception:
+    except Exception:  # any id that could not be echoed back safely
         return None
 
 
@@ -104,7 +104,18 @@ def _request_id(body: dict) -> str | int:
         raise BadRequest("the request has no id; set id to a string or an integer")
     if isinstance(request_id, str) and len(request_id) > MAX_ID_LENGTH:
         raise BadRequest(f"the request id is longer than {MAX_ID_LENGTH} characters")
+    if isinstance(request_id, str) and not is_utf8(request_id):
+        raise BadRequest("the request id is not valid UTF-8")
     return request_id
+
+
+def is_utf8(text: str) -> bool:
+    """False for strings holding lone surrogates, which stand for bytes that were not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_fields(op: str, fields: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from akidb_embed_client.errors import BadRequest
+from akidb_embed_client.protocol import is_utf8
 
 from . import __version__
 from .batcher import Embedded, Job
@@ -82,22 +83,22 @@ class Engine:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise BadRequest(f"texts[{i}] is a {type(text).__name__}; every text must be a string")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates stand for bytes that were not UTF-8
-                raise BadRequest(f"texts[{i}] is not valid UTF-8; send UTF-8 text") from None
+            if not is_utf8(text):
+                raise BadRequest(f"texts[{i}] is not valid UTF-8; send UTF-8 text")
         return texts
 
     def _job(self, manifest: Manifest, texts: list[str], fields: dict[str, Any]) -> Job:
         dimensions = fields.get("dimensions")
-        if dimensions is not None and dimensions != manifest.dimension and dimensions not in manifest.matryoshka_dimensions:
-            allowed = ", ".join(map(str, manifest.matryoshka_dimensions)) or f"only {manifest.dimension}"
-            raise BadRequest(f"model {manifest.id} cannot give {dimensions} dimensions; allowed: {allowed}")
+        allowed = sorted({*manifest.matryoshka_dimensions, manifest.dimension})
+        if dimensions is not None and dimensions not in allowed:
+            raise BadRequest(f"model {manifest.id} cannot give {dimensions} dimensions; allowed: {', '.join(map(str, allowed))}")
         prompt = fields.get("prompt")
         if prompt is not None and not prompt:
             raise BadRequest("prompt is empty; leave it out or name a prompt")
         prefix = manifest.resolve_prompt(prompt)
         timeout_ms = fields.get("timeout_ms")
+        if timeout_ms is not None and timeout_ms <= 0:
+            raise BadRequest(f"timeout_ms must be positive, not {timeout_ms}")
         return Job(
             texts=[prefix + text for text in texts] if prefix else texts,
             future=asyncio.get_running_loop().create_future(),

@@ -62,16 +62,24 @@ class Server:
     async def serve(self) -> None:
         """Answer requests until cancelled."""
         while True:
-            self._dispatch(await self.socket.recv_multipart())
+            frames = await self.socket.recv_multipart()
+            try:
+                self._dispatch(frames)
+            except Exception:  # no request, however malformed, may end the loop
+                log.exception("a request could not be answered")
 
     async def drain(self, grace: float) -> None:
-        """Stop accepting embeds and wait up to ``grace`` seconds for those in flight."""
+        """Refuse new embeds, give those in flight ``grace`` seconds, then answer the rest with an error."""
         self.accepting = False
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=grace)
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks)
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self.socket.close(linger=1000)  # let the last replies leave
         self.context.term()
         self.settings.socket.unlink(missing_ok=True)
 
@@ -115,6 +123,8 @@ class Server:
             frames = protocol.encode_result(request.id, header, vectors)
         except EmbedError as exc:
             frames = protocol.encode_error(request.id, exc)
+        except asyncio.CancelledError:
+            frames = protocol.encode_error(request.id, ShuttingDown("the daemon stopped before this request finished; retry"))
         except Exception as exc:
             log.exception("embed request %r failed", request.id)
             frames = protocol.encode_error(request.id, InternalError(f"internal error: {exc}"))

@@ -63,6 +63,15 @@ class Settings:
 
 
 _PATH_KEYS = ("socket", "catalog", "state_dir", "cache_dir")
+# What each key may be in the TOML file (or on the command line, where paths are Paths already).
+_TYPES: dict[str, tuple[type, ...]] = {
+    **{key: (str, Path) for key in _PATH_KEYS},
+    "default_model": (str,),
+    "providers": (list, tuple),
+    "intra_op_threads": (int,),
+    "drain_seconds": (int, float),
+    "log_level": (str,),
+}
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
@@ -77,10 +86,12 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     if os.environ.get(SOCKET_ENV):
         data["socket"] = os.environ[SOCKET_ENV]
     data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(Settings)} - {"limits"}
-    unknown = set(data) - known
+    unknown = set(data) - set(_TYPES)
     if unknown:
-        raise SettingsError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        raise SettingsError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_TYPES))}")
+    for key, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
+            raise SettingsError(f"setting {key} must be a {_TYPES[key][0].__name__}, not {value!r}")
     for key in _PATH_KEYS:
         if key in data:
             data[key] = Path(data[key])
