@@ -1,4 +1,5 @@
-"""Token-budget batching: padded size (longest x rows) within the budget, rows within max_batch."""
+"""Token-budget batching: padded size (longest x rows) within the budget, rows within max_batch,
+and no batch padded where another run would cost less than the padding."""
 
 from __future__ import annotations
 
@@ -8,32 +9,39 @@ import pytest
 from akidb_embed.batcher import cut_batches
 
 
-def slices(lengths: list[int], budget: int, max_batch: int) -> list[list[int]]:
-    return [lengths[a:b] for a, b in cut_batches(lengths, budget, max_batch)]
+def slices(lengths: list[int], budget: int = 10_000, max_batch: int = 100, cost: int = 10_000) -> list[list[int]]:
+    return [lengths[a:b] for a, b in cut_batches(lengths, budget, max_batch, cost)]
 
 
 def test_short_rows_share_a_batch_until_the_budget() -> None:
-    assert slices([2, 2, 3, 3, 10, 10], budget=20, max_batch=100) == [[2, 2, 3, 3], [10, 10]]
+    assert slices([2, 2, 3, 3, 10, 10], budget=20) == [[2, 2, 3, 3], [10, 10]]
 
 
 def test_max_batch_caps_rows() -> None:
-    assert slices([1] * 7, budget=1000, max_batch=3) == [[1, 1, 1], [1, 1, 1], [1]]
+    assert slices([1] * 7, max_batch=3) == [[1, 1, 1], [1, 1, 1], [1]]
 
 
 def test_a_row_over_the_budget_runs_alone() -> None:
-    assert slices([5, 600, 700], budget=512, max_batch=8) == [[5], [600], [700]]
+    assert slices([5, 600, 700], budget=512) == [[5], [600], [700]]
+
+
+def test_padding_that_costs_more_than_a_batch_cuts() -> None:
+    lengths = [10, 10, 10, 12, 40, 41]
+    assert slices(lengths, cost=16) == [[10, 10, 10, 12], [40, 41]]  # 3 rows x 2 pads = 6 ≤ 16; 4 x 28 > 16
+    assert slices(lengths, cost=1000) == [lengths]  # on a GPU the padding is cheaper than another run
 
 
 def test_nothing_in_nothing_out() -> None:
-    assert slices([], budget=10, max_batch=10) == []
+    assert slices([]) == []
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_every_row_once_in_order_and_within_budget(seed: int) -> None:
+def test_every_row_once_in_order_within_budget_and_padding(seed: int) -> None:
     rng = random.Random(seed)
     lengths = sorted(rng.randint(1, 300) for _ in range(500))
-    batches = slices(lengths, budget=2048, max_batch=32)
+    batches = slices(lengths, budget=2048, max_batch=32, cost=64)
     assert [n for batch in batches for n in batch] == lengths
     for batch in batches:
         assert len(batch) <= 32
         assert len(batch) == 1 or max(batch) * len(batch) <= 2048
+        assert sum(max(batch) - n for n in batch) <= 64 * len(batch)  # each cut kept its padding step ≤ cost

@@ -99,6 +99,10 @@ def test_concurrent_clients_each_get_their_own_rows(daemon: Daemon, tiny_models:
         "qwen3-tiny": reference(tiny_models["decoder"], TEXTS, "last_token"),
     }
     failures: list[BaseException] = []
+    with daemon.client() as client:
+        for model in expected:  # how many batches one request needs alone
+            client.embed(TEXTS, model=model)
+        alone = {m["id"]: m["batches"] for m in client.models() if m["id"] in expected}
 
     def worker(n: int) -> None:
         model = list(expected)[n % 3]
@@ -119,6 +123,6 @@ def test_concurrent_clients_each_get_their_own_rows(daemon: Daemon, tiny_models:
     assert not failures, failures[0]
     with daemon.client() as client:
         models = {m["id"]: m for m in client.models()}
-    requests = sum(models[m]["requests"] for m in expected)
-    batches = sum(models[m]["batches"] for m in expected)
-    assert requests >= 120 and batches < requests, (requests, batches)  # requests shared batches
+    for model in expected:  # 40 requests each; had none shared a batch, each would need `alone` batches
+        batches = models[model]["batches"] - alone[model]
+        assert models[model]["requests"] == 41 and batches < 40 * alone[model], (model, batches, alone[model])

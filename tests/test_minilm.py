@@ -31,7 +31,11 @@ def test_daemon_matches_sentence_transformers(minilm_catalog: Path, expected: tu
     """1. 4 clients send the sentences in requests of 1..16  2. vectors come back in order  3. cosine ≥ 0.9999 each."""
     texts, want = expected
     got = np.zeros_like(want)
-    chunks = [(start, min(start + 1 + start % 16, len(texts))) for start in range(0, len(texts), 9)]
+    chunks, start = [], 0
+    while start < len(texts):  # consecutive requests of 1, 2, ... 16 texts, then again
+        stop = min(start + 1 + len(chunks) % 16, len(texts))
+        chunks.append((start, stop))
+        start = stop
     with run_daemon(minilm_catalog) as daemon:
 
         def worker(share: list[tuple[int, int]]) -> None:

@@ -115,6 +115,8 @@ class OnnxBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3  # errors only: ORT's warnings are noise in the journal
+        # Spinning pool threads would burn the cores that the socket loop and the clients need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chain = provider_chain(providers, ort.get_available_providers(), engine_cache)
         self.session = create_session(model, chain, options)
         self.providers = self.session.get_providers()

@@ -28,6 +28,12 @@ from .tokenize import TextEncoder
 
 log = logging.getLogger(__name__)
 
+CPU = "CPUExecutionProvider"
+# The fixed cost of one inference batch in tokens of compute (a run's overhead on a CPU is a few
+# tokens' worth; a GPU kernel launch sequence is worth hundreds), deciding when padding pays.
+CPU_BATCH_COST_TOKENS = 16
+GPU_BATCH_COST_TOKENS = 1024
+
 
 @dataclass(frozen=True)
 class Embedded:
@@ -72,6 +78,7 @@ class Batcher:
     ) -> None:
         self.name = name
         self.dimension = dimension
+        self.batch_cost_tokens = CPU_BATCH_COST_TOKENS if backend.providers[0] == CPU else GPU_BATCH_COST_TOKENS
         self.encoder = encoder
         self.backend = backend
         self.pooling = pooling_mode
@@ -149,7 +156,7 @@ class Batcher:
         outputs = {j: np.empty((len(job.texts), self.dimension), np.float32) for j, job in enumerate(live)}
         rows.sort(key=lambda r: len(r.encoding.ids))
         lengths = [len(r.encoding.ids) for r in rows]
-        for start, stop in cut_batches(lengths, self.limits.batch_tokens, self.limits.max_batch):
+        for start, stop in cut_batches(lengths, self.limits.batch_tokens, self.limits.max_batch, self.batch_cost_tokens):
             self._run_batch(rows[start:stop], outputs, failed)
         runnable = {r.job for r in rows}
         for j, job in enumerate(live):
@@ -208,15 +215,21 @@ class Batcher:
             self.loop.call_soon_threadsafe(_settle_futures, settled)
 
 
-def cut_batches(sorted_lengths: list[int], batch_tokens: int, max_batch: int) -> Iterator[tuple[int, int]]:
+def cut_batches(
+    sorted_lengths: list[int], batch_tokens: int, max_batch: int, batch_cost_tokens: int
+) -> Iterator[tuple[int, int]]:
     """Slices of ascending token lengths whose padded size (longest x rows) fits the budget.
 
+    A batch is also cut where padding its rows up to the next length would cost more compute
+    than running one more batch (``batch_cost_tokens``): on a CPU, where work grows with every
+    token, padding rarely pays; on a GPU a batch's fixed cost is large and padding is cheap.
     A single row longer than the budget still forms a batch of its own.
     """
     start = 0
     for stop, length in enumerate(sorted_lengths):
         rows = stop - start + 1  # this row is the longest so far: lengths ascend
-        if stop > start and (length * rows > batch_tokens or rows > max_batch):
+        padding = (length - sorted_lengths[stop - 1]) * (rows - 1) if stop > start else 0
+        if stop > start and (length * rows > batch_tokens or rows > max_batch or padding > batch_cost_tokens):
             yield start, stop
             start = stop
     if sorted_lengths:

@@ -96,14 +96,15 @@ class Registry:
             if entry.error and entry.manifest is None:
                 log.error("model %s: %s", entry.id, entry.error)
         self.entries = found
-        log.info("catalog %s: %s", self.settings.catalog, self._summary())
+        log.info("catalog %s: %s; default model %s", self.settings.catalog, self._summary(), self.default_id())
 
     def default_id(self) -> str | None:
-        """The configured default model, else the first manifest marked default = true."""
+        """The configured default model, else the manifest marked default = true, else the only model."""
         if self.settings.default_model:
             return self.settings.default_model
-        marked = [e.id for e in self.entries.values() if e.manifest and e.manifest.default and e.manifest.enabled]
-        return marked[0] if marked else None
+        enabled = [e for e in self.entries.values() if e.manifest and e.manifest.enabled]
+        marked = [e.id for e in enabled if e.manifest.default]
+        return marked[0] if marked else enabled[0].id if len(enabled) == 1 else None
 
     async def acquire(self, model_id: str | None) -> LoadedModel:
         """A loaded, reference-counted model; pair with ``release``."""
