@@ -24,7 +24,9 @@ sys.path.insert(0, str(REPO / "tests"))  # the real-daemon runner the tests use
 
 from akidb_embed import pooling  # noqa: E402
 from akidb_embed.backend import OnnxBackend  # noqa: E402
+from akidb_embed.batcher import CPU_BATCH_COST_TOKENS, cut_batches  # noqa: E402
 from akidb_embed.manifest import Manifest, load_manifest  # noqa: E402
+from akidb_embed.settings import Limits  # noqa: E402
 from akidb_embed.tokenize import TextEncoder  # noqa: E402
 from akidb_embed_client import Client  # noqa: E402
 from daemon_process import run_daemon  # noqa: E402
@@ -39,17 +41,21 @@ def progress(message: str) -> None:
 
 
 class InProcess:
-    """The same model run directly in this process."""
+    """The same model run directly in this process, batched the way the daemon batches."""
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self.encoder = TextEncoder(manifest.tokenizer, manifest.max_length, manifest.padding_side)
         self.backend = OnnxBackend(manifest.model, ["cpu"], Path("/tmp"))
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        padded = self.encoder.pad(self.encoder.encode(texts))
-        vectors = pooling.pool(self.backend.run(padded), padded.mask, self.manifest.pooling)
-        return pooling.l2_normalize(vectors) if self.manifest.normalize else vectors
+    def embed(self, texts: list[str]) -> None:
+        encodings = sorted(self.encoder.encode(texts), key=lambda e: len(e.ids))
+        lengths = [len(e.ids) for e in encodings]
+        for start, stop in cut_batches(lengths, Limits().batch_tokens, Limits().max_batch, CPU_BATCH_COST_TOKENS):
+            padded = self.encoder.pad(encodings[start:stop])
+            vectors = pooling.pool(self.backend.run(padded), padded.mask, self.manifest.pooling)
+            if self.manifest.normalize:
+                pooling.l2_normalize(vectors)
 
 
 def latencies_ms(call: Callable[[list[str]], object], texts: list[str]) -> list[float]:
@@ -60,6 +66,17 @@ def latencies_ms(call: Callable[[list[str]], object], texts: list[str]) -> list[
         call([text])
         out.append((time.perf_counter() - started) * 1e3)
     return out
+
+
+def paired_latencies_ms(
+    first: Callable[[list[str]], object], second: Callable[[list[str]], object], texts: list[str]
+) -> tuple[list[float], list[float]]:
+    """Single-text latencies of two paths taking turns on each text, so drift hits both alike."""
+    a, b = [], []
+    for text in texts:
+        a += latencies_ms(first, [text])
+        b += latencies_ms(second, [text])
+    return a, b
 
 
 def bulk_rate(call: Callable[[list[str]], object], texts: list[str]) -> float:
@@ -112,10 +129,9 @@ def main() -> int:
     texts = fortune_sentences(args.texts)
     progress(f"{len(texts)} sentences from Debian's fortunes, model {manifest.id}")
 
-    progress("in-process: warm-up, sequential single texts, bulk")
+    progress("in-process: warm-up, bulk")
     local = InProcess(manifest)
     local.embed(texts[:BULK])
-    local_single = latencies_ms(local.embed, texts)
     local_bulk = bulk_rate(local.embed, texts)
 
     progress("daemon: start, warm-up")
@@ -124,8 +140,8 @@ def main() -> int:
             return client.embed(batch, model=args.model)
 
         remote(texts[:BULK])
-        progress("daemon: sequential single texts")
-        daemon_single = latencies_ms(remote, texts)
+        progress("daemon and in-process in turn: sequential single texts")
+        daemon_single, local_single = paired_latencies_ms(remote, local.embed, texts)
         progress(f"daemon: {CONCURRENT} concurrent clients")
         daemon_concurrent, concurrent_ms = concurrent_rate(daemon.socket, args.model, texts)
         progress("daemon: bulk")

@@ -65,16 +65,27 @@ def write_config(path: Path, settings: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def run_daemon(
-    catalog: Path, ready_timeout: float = 30.0, socket: Path | None = None, **settings: Any
+    catalog: Path,
+    ready_timeout: float = 30.0,
+    socket: Path | None = None,
+    env: dict[str, str] | None = None,
+    **settings: Any,
 ) -> Iterator[Daemon]:
-    """Start ``akidb-embed serve`` on ``catalog``; stop it with SIGTERM and check it exits 0."""
+    """Start ``akidb-embed serve`` on ``catalog``; stop it with SIGTERM and check it exits 0.
+
+    ``settings`` are config keys ([limits] and [memory] as dicts); ``env`` adds to the environment.
+    """
     # ipc:// paths must fit in sun_path (108 bytes); pytest's tmp_path can be longer.
     workdir = Path(tempfile.mkdtemp(prefix="akd-"))
     socket = socket or workdir / "embed.sock"
     config = workdir / "akidb-embed.toml"
     write_config(config, {"state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache"), **settings})
+    settings = {}
     log_path = workdir / "daemon.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Off by default: this machine may have no tegrastats, but a test's PATH may.
+    memory = {"tegrastats": "off", **settings.pop("memory", {})}
+    settings["memory"] = memory
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("AKIDB_EMBED_SOCKET", None)
     command = [sys.executable, "-m", "akidb_embed", "serve", "--config", str(config), "--socket", str(socket), "--catalog", str(catalog)]
     with open(log_path, "wb") as log_file:

@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 import zmq
 
+from akidb_embed import cli
 from akidb_embed.cli import add_client_commands
 from akidb_embed_client import (
+    KEEP_ALIVE_FOREVER,
     AsyncClient,
     BadRequest,
     Client,
     Embeddings,
     InputTooLong,
+    InsufficientMemory,
     InternalError,
     Overloaded,
     Unavailable,
@@ -32,13 +35,26 @@ from akidb_embed_client.protocol import Request, decode_request, encode_error, e
 # A handler answers one decoded request with reply frames, or None to stay silent.
 Handler = Callable[[Request], "list[bytes] | None"]
 
+MIB = 1024 * 1024
 MODELS = [
     {"id": "mini", "state": "ready", "dimension": 3, "pooling": "mean", "max_length": 256,
-     "default": True, "error": None, "family": "test"},
+     "default": True, "error": None, "family": "test", "pinned": True, "keep_alive": 300.0,
+     "memory_mb": 87.4, "memory_source": "measured", "loaded_at": 1000.0, "last_used": 1010.0,
+     "in_flight": 2, "requests": 41, "served": 950, "load_ms": 412.3},
     {"id": "broken", "state": "failed", "dimension": 8, "pooling": "cls", "max_length": 512,
-     "default": False, "error": "model.onnx is missing"},
+     "default": False, "error": "model.onnx is missing", "pinned": False, "keep_alive": -1,
+     "memory_mb": 90, "memory_source": "manifest", "loaded_at": None, "last_used": None,
+     "in_flight": 0, "requests": 0, "served": 0, "load_ms": None},
 ]
-STATUS = {"version": "0.1.0", "uptime_s": 1.5, "models": {"ready": 1, "failed": 1}, "queue": {}}
+STATUS = {
+    "version": "0.1.0", "uptime_s": 1.5, "models": {"ready": 1, "failed": 1}, "queue": {},
+    "memory": {"total": 8192 * MIB, "available": 2048 * MIB, "used": 6144 * MIB, "own_rss": 412 * MIB,
+               "swap_used": 0, "swap_total": 0, "lfb_mb": 1864.0, "source": "tegrastats+meminfo", "pressure": 0.75},
+    "budget": {"model_memory_mb": 2048, "max_loaded_models": 2, "loaded_models": 1, "loaded_memory_mb": 87.4,
+               "high_watermark": 0.85, "low_watermark": 0.7},
+    "evictions": 3,
+}
+MODEL_OPS = ("load", "unload", "pin", "unpin")
 
 
 def vector(text: str) -> list[float]:
@@ -58,6 +74,8 @@ def answer(request: Request, request_id: str | int | None = None) -> list[bytes]
         return encode_result(rid, {"models": MODELS})
     if request.op == "status":
         return encode_result(rid, STATUS)
+    if request.op in MODEL_OPS:
+        return encode_result(rid, {"model": {**MODELS[0], "id": request.fields["model"], "op": request.op}})
     return encode_result(rid, {"pong": True})
 
 
@@ -148,13 +166,77 @@ def test_models_status_and_ping(serve: Callable[..., StandIn]) -> None:
 @pytest.mark.parametrize(
     ("code", "cls"),
     [("unknown_model", UnknownModel), ("input_too_long", InputTooLong), ("overloaded", Overloaded),
-     ("bad_request", BadRequest), ("something_new", InternalError)],
+     ("bad_request", BadRequest), ("insufficient_memory", InsufficientMemory), ("something_new", InternalError)],
 )
 def test_error_reply_raises_its_class(serve: Callable[..., StandIn], code: str, cls: type[EmbedError]) -> None:
     daemon = serve(lambda request: encode_error(request.id, error_for(code, "because of a test")))
     with Client(daemon.path, timeout=0.5) as client, pytest.raises(cls) as caught:
         client.embed(["x"])
     assert "because of a test" in caught.value.message
+
+
+def test_model_ops_send_the_model_and_return_its_description(serve: Callable[..., StandIn]) -> None:
+    daemon = serve()
+    with Client(daemon.path, timeout=0.5) as client:
+        loaded = client.load("mini", keep_alive=KEEP_ALIVE_FOREVER)
+        assert client.load("other") == {**MODELS[0], "id": "other", "op": "load"}
+        assert client.unload("mini")["op"] == "unload"
+        assert client.pin("mini")["op"] == "pin"
+        assert client.unpin("mini")["op"] == "unpin"
+    assert loaded == {**MODELS[0], "op": "load"}
+    assert [(r.op, r.fields) for r in daemon.requests] == [
+        ("load", {"model": "mini", "keep_alive": -1}), ("load", {"model": "other"}), ("unload", {"model": "mini"}),
+        ("pin", {"model": "mini"}), ("unpin", {"model": "mini"}),
+    ]
+
+
+def test_embed_sends_keep_alive_only_when_given(serve: Callable[..., StandIn]) -> None:
+    daemon = serve()
+    with Client(daemon.path, timeout=0.5) as client:
+        client.embed("x", keep_alive=0)
+        client.embed("x", keep_alive=2.5)
+        client.embed("x")
+    assert [r.fields.get("keep_alive", "absent") for r in daemon.requests] == [0, 2.5, "absent"]
+
+
+def test_async_model_ops_and_embed_keep_alive(serve: Callable[..., StandIn]) -> None:
+    daemon = serve()
+
+    async def run() -> list:
+        async with AsyncClient(daemon.path, timeout=0.5) as client:
+            await client.embed(["a"], keep_alive=KEEP_ALIVE_FOREVER)
+            return [await client.load("mini", 60), await client.unload("mini"),
+                    await client.pin("mini"), await client.unpin("mini")]
+
+    assert [m["op"] for m in asyncio.run(run())] == list(MODEL_OPS)
+    assert [(r.op, r.fields.get("keep_alive")) for r in daemon.requests] == [
+        ("embed", -1), ("load", 60), ("unload", None), ("pin", None), ("unpin", None)]
+    assert all(r.fields["model"] == "mini" for r in daemon.requests[1:])
+
+
+def test_load_errors(serve: Callable[..., StandIn]) -> None:
+    def refuse(request: Request) -> list[bytes] | None:
+        if request.fields["model"] == "huge":
+            return encode_error(request.id, InsufficientMemory("model 'huge' needs 9000 MB; 2048 MB free"))
+        if request.fields["model"] == "slow":
+            return None  # still loading when the client gives up
+        return encode_result(request.id, {"pong": True})  # a reply without the model
+
+    daemon = serve(refuse)
+    with Client(daemon.path, timeout=0.2, retries=1) as client:
+        with pytest.raises(InsufficientMemory, match="9000 MB"):
+            client.load("huge")
+        with pytest.raises(Unavailable, match="pass a larger timeout"):
+            client.load("slow")
+        with pytest.raises(InternalError, match="no model description"):
+            client.pin("mini")
+
+    async def run() -> None:
+        async with AsyncClient(daemon.path, timeout=0.2, retries=1) as client:
+            await client.load("huge")
+
+    with pytest.raises(InsufficientMemory):
+        asyncio.run(run())
 
 
 def test_retries_after_the_first_request_is_dropped(serve: Callable[..., StandIn]) -> None:
@@ -267,16 +349,99 @@ def test_cli_embed_json(serve: Callable[..., StandIn], capsys: pytest.CaptureFix
     assert data["model"] == "mini" and data["embeddings"][0]["vector"] == vector("one")
 
 
-def test_cli_models_and_status(serve: Callable[..., StandIn], capsys: pytest.CaptureFixture[str]) -> None:
-    daemon = serve()
+def test_cli_models_table(serve: Callable[..., StandIn], capsys: pytest.CaptureFixture[str]) -> None:
+    long_id = "multilingual-e5-large-instruct-int8-onnx"  # 40 characters
+    models = [*MODELS, {"id": long_id, "state": "available", "dimension": 1024, "memory_mb": 1120.0,
+                        "memory_source": "file size", "error": "x" * 200}]
+
+    def fresh(request: Request) -> list[bytes]:  # last used 12 s before the reply
+        return encode_result(request.id, {"models": [{**models[0], "last_used": time.time() - 12}, *models[1:]]})
+
+    daemon = serve(fresh)
     assert run_cli(["models", "--socket", str(daemon.path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["id", "state", "dimension", "pooling", "max_length", "default", "error"]
-    assert lines[2].split() == ["mini", "ready", "3", "mean", "256", "*"]
-    assert "model.onnx is missing" in lines[3]
+    assert lines[0].split("  ")[:2] == ["id", ""] and [h.strip() for h in lines[0].split("  ") if h.strip()] == [
+        "id", "state", "pinned", "memory", "last used", "in-flight", "requests", "dim", "default"]
+    assert lines[2].split() == ["mini", "ready", "*", "87", "MB", "12s", "ago", "2", "41", "3", "*"]
+    assert lines[3].split() == ["broken", "failed", "~90", "MB", "-", "0", "0", "8"]
+    assert lines[4].split() == [long_id, "available", "~1120", "MB", "-", "-", "-", "1024"]
+    assert lines[6] == "broken: model.onnx is missing" and lines[7].startswith(f"{long_id}: xxx")
+    assert max(len(line) for line in lines[:5]) <= 120
+    assert run_cli(["models", "--json", "--socket", str(daemon.path)]) == 0
+    assert json.loads(capsys.readouterr().out)[1] == MODELS[1]
+
+
+def test_cli_models_table_units() -> None:
+    assert cli.ago(None, 100.0) == "-" and cli.ago(100.0, 99.0) == "0s ago"
+    assert [cli.ago(0, s) for s in (59.9, 60, 7199, 86400 * 3)] == ["59s ago", "1m ago", "1h ago", "3d ago"]
+    assert cli.models_table([]) == "no models in the catalog"
+
+
+def test_cli_status_shows_memory_first_in_human_units(
+    serve: Callable[..., StandIn], capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon = serve()
     assert run_cli(["status", "--socket", str(daemon.path)]) == 0
-    out = capsys.readouterr().out
-    assert "models.ready" in out and "models.failed" in out and "uptime_s" in out
+    lines = [line.split(None, 1) for line in capsys.readouterr().out.splitlines()]
+    assert lines[:5] == [["memory.source", "tegrastats+meminfo"], ["memory.pressure", "75.0%"],
+                         ["memory.used", "6.0 GiB"], ["memory.available", "2.0 GiB"], ["memory.total", "8.0 GiB"]]
+    assert [key for key, _ in lines[5:8]] == ["memory.own_rss", "memory.swap_used", "memory.swap_total"]
+    values = dict(lines)
+    assert values["memory.own_rss"] == "412 MiB" and values["memory.swap_used"] == "0 MiB"
+    assert values["memory.lfb_mb"] == "1.8 GiB" and values["budget.model_memory_mb"] == "2.0 GiB"
+    assert values["budget.loaded_memory_mb"] == "87 MiB" and values["budget.max_loaded_models"] == "2"
+    assert values["budget.high_watermark"] == "85.0%" and values["evictions"] == "3"
+    assert values["models.ready"] == "1" and values["uptime_s"] == "1.5" and values["queue"] == "-"
+
+
+def test_cli_model_commands(
+    serve: Callable[..., StandIn], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeouts: list[float] = []
+
+    class Recording(Client):
+        def __init__(self, socket: str, timeout: float) -> None:
+            timeouts.append(timeout)
+            super().__init__(socket, timeout=timeout)
+
+    monkeypatch.setattr(cli, "Client", Recording)
+    daemon = serve()
+    socket = ["--socket", str(daemon.path)]
+    assert run_cli(["load", "mini", "--keep-alive", "5m", *socket]) == 0
+    assert capsys.readouterr().out == (
+        "mini: ready, pinned, memory 87 MB (measured), load 412 ms, keep-alive 300s\n")
+    assert run_cli(["load", "mini", "--keep-alive", "forever", *socket]) == 0
+    assert run_cli(["load", "mini", "--timeout", "7", *socket]) == 0
+    for op in ("unload", "pin", "unpin"):
+        assert run_cli([op, "e5", *socket]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 5 and out[3].startswith("e5: ready, pinned, memory 87 MB")
+    assert [(r.op, r.fields) for r in daemon.requests] == [
+        ("load", {"model": "mini", "keep_alive": 300.0}), ("load", {"model": "mini", "keep_alive": -1.0}),
+        ("load", {"model": "mini"}), ("unload", {"model": "e5"}), ("pin", {"model": "e5"}), ("unpin", {"model": "e5"}),
+    ]
+    assert timeouts == [cli.LOAD_TIMEOUT, cli.LOAD_TIMEOUT, 7.0, 10.0, 10.0, 10.0]
+    assert run_cli(["pin", "mini", "--json", *socket]) == 0
+    assert json.loads(capsys.readouterr().out) == {**MODELS[0], "op": "pin"}
+    described = cli.model_summary({"id": "big", "state": "available", "pinned": False, "memory_mb": 900,
+                                   "memory_source": "manifest", "keep_alive": -1, "error": "no room"})
+    assert described == (
+        "big: available, not pinned, memory ~900 MB (manifest), load -, keep-alive forever; error: no room")
+    assert cli.memory_cell({"memory_mb": 0.0, "memory_source": "unknown"}) == "-"
+
+
+@pytest.mark.parametrize("text", ["soon", "5x", "nan", "inf", ""])
+def test_cli_keep_alive_rejects_non_durations(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run_cli(["load", "mini", "--keep-alive", text])
+    assert "is not a duration" in capsys.readouterr().err
+    assert [cli.seconds(t) for t in ("30", "1.5m", "2h", "1d", "-1", "0")] == [30, 90, 7200, 86400, -1, 0]
+
+
+def test_cli_embed_keep_alive(serve: Callable[..., StandIn], capsys: pytest.CaptureFixture[str]) -> None:
+    daemon = serve()
+    assert run_cli(["embed", "x", "--keep-alive", "0", "--socket", str(daemon.path)]) == 0
+    assert daemon.requests[0].fields["keep_alive"] == 0
 
 
 def test_cli_errors_exit_codes(

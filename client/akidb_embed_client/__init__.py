@@ -15,6 +15,7 @@ from .errors import (
     UnknownModel,
     UnsupportedVersion,
 )
+from .protocol import KEEP_ALIVE_FOREVER
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "InputTooLong",
     "InsufficientMemory",
     "InternalError",
+    "KEEP_ALIVE_FOREVER",
     "ModelUnavailable",
     "Overloaded",
     "ShuttingDown",

@@ -15,13 +15,17 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from .client import Embeddings, embed_fields, reply_id, request_ids, resolve_socket, unavailable
+from .client import Embeddings, embed_fields, model_of, reply_id, request_ids, resolve_socket, unavailable
 from .errors import Unavailable
 from .protocol import Reply, decode_reply, encode_request
 
 
 class AsyncClient:
-    """asyncio client; use as ``async with`` or await ``close()``."""
+    """asyncio client; use as ``async with`` or await ``close()``.
+
+    ``timeout`` and ``retries`` work as in ``Client``; ``load`` waits for the model to load,
+    so give the client that loads a large model a larger timeout.
+    """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 10.0, retries: int = 3) -> None:
         self.socket_path = resolve_socket(socket)
@@ -41,14 +45,31 @@ class AsyncClient:
         truncate: bool | None = None,
         prompt: str | None = None,
         dimensions: int | None = None,
+        keep_alive: float | None = None,
     ) -> Embeddings:
-        """Embed one text or a list of texts; rows follow the input order."""
-        fields = embed_fields(texts, model, normalize, truncate, prompt, dimensions, self.timeout)
+        """Embed one text or a list of texts; rows follow the input order. See ``Client.embed``."""
+        fields = embed_fields(texts, model, normalize, truncate, prompt, dimensions, self.timeout, keep_alive)
         return Embeddings.from_reply(await self._call("embed", **fields))
 
     async def models(self) -> list[dict[str, Any]]:
         """Every model in the catalog with its state."""
         return (await self._call("models")).result["models"]
+
+    async def load(self, model: str, keep_alive: float | None = None) -> dict[str, Any]:
+        """Load a model and return its description once it is loaded. See ``Client.load``."""
+        return model_of(await self._call("load", model=model, keep_alive=keep_alive))
+
+    async def unload(self, model: str) -> dict[str, Any]:
+        """Unload a model and return its description. See ``Client.unload``."""
+        return model_of(await self._call("unload", model=model))
+
+    async def pin(self, model: str) -> dict[str, Any]:
+        """Pin a model and return its description. See ``Client.pin``."""
+        return model_of(await self._call("pin", model=model))
+
+    async def unpin(self, model: str) -> dict[str, Any]:
+        """Unpin a model and return its description. See ``Client.unpin``."""
+        return model_of(await self._call("unpin", model=model))
 
     async def status(self) -> dict[str, Any]:
         """The daemon's status."""
@@ -91,7 +112,7 @@ class AsyncClient:
                 except asyncio.TimeoutError:
                     continue
                 return decode_reply(frames)
-            raise unavailable(self.socket_path, self.retries, self.timeout)
+            raise unavailable(self.socket_path, self.retries, self.timeout, op)
         finally:
             del self._pending[request_id]
 

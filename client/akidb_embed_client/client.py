@@ -65,6 +65,7 @@ def embed_fields(
     prompt: str | None,
     dimensions: int | None,
     timeout: float,
+    keep_alive: float | None = None,
 ) -> dict[str, Any]:
     """The fields of an embed request; a single string is a list of one."""
     return {
@@ -76,7 +77,16 @@ def embed_fields(
         "dimensions": dimensions,
         # The daemon drops work whose caller has given up waiting for this attempt.
         "timeout_ms": max(1, round(timeout * 1000)),
+        "keep_alive": keep_alive,
     }
+
+
+def model_of(reply: Reply) -> dict[str, Any]:
+    """The model description in a ``load``/``unload``/``pin``/``unpin`` reply."""
+    model = reply.result.get("model")
+    if not isinstance(model, dict):
+        raise InternalError("the reply has no model description; the daemon and client disagree on the protocol")
+    return model
 
 
 def reply_id(frames: list[bytes]) -> str | int | None:
@@ -95,18 +105,28 @@ def request_ids() -> Iterator[str]:
     return (f"{prefix}-{n}" for n in itertools.count(1))
 
 
-def unavailable(path: str, tries: int, timeout: float) -> Unavailable:
+def unavailable(path: str, tries: int, timeout: float, op: str | None = None) -> Unavailable:
     """The error for a daemon that never answered, naming the socket and the likely fixes."""
     missing = "" if os.path.exists(path) else " (the socket file does not exist)"
+    slow = (
+        "loading a large model can take longer than the timeout: pass a larger timeout to the client; "
+        if op == "load" and not missing
+        else ""
+    )
     return Unavailable(
-        f"no reply from the akidb-embed daemon at {path}{missing} after {tries} tries of {timeout:g} s each; "
+        f"no reply from the akidb-embed daemon at {path}{missing} after {tries} tries of {timeout:g} s each; {slow}"
         "is the daemon running (systemctl status akidb-embed)? can this user open the socket "
         f"(is it in the akidb-embed group)? set {SOCKET_ENV} or pass the socket path if it lives elsewhere"
     )
 
 
 class Client:
-    """Blocking client; one per thread. Use as a context manager or call ``close()``."""
+    """Blocking client; one per thread. Use as a context manager or call ``close()``.
+
+    ``timeout`` is the seconds to wait for each of the ``retries`` tries of a call. ``load``
+    answers only once the model is loaded, which can take minutes for a large model: give
+    the client that loads it a larger timeout, e.g. ``Client(timeout=300)``.
+    """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 10.0, retries: int = 3) -> None:
         self.socket_path = resolve_socket(socket)
@@ -124,14 +144,35 @@ class Client:
         truncate: bool | None = None,
         prompt: str | None = None,
         dimensions: int | None = None,
+        keep_alive: float | None = None,
     ) -> Embeddings:
-        """Embed one text or a list of texts; rows follow the input order."""
-        fields = embed_fields(texts, model, normalize, truncate, prompt, dimensions, self.timeout)
+        """Embed one text or a list of texts; rows follow the input order.
+
+        ``keep_alive`` is the seconds the model stays loaded after this request: negative
+        (``KEEP_ALIVE_FOREVER``) keeps it loaded, 0 unloads it at once, None is the default.
+        """
+        fields = embed_fields(texts, model, normalize, truncate, prompt, dimensions, self.timeout, keep_alive)
         return Embeddings.from_reply(self._call("embed", **fields))
 
     def models(self) -> list[dict[str, Any]]:
         """Every model in the catalog with its state."""
         return self._call("models").result["models"]
+
+    def load(self, model: str, keep_alive: float | None = None) -> dict[str, Any]:
+        """Load a model and return its description once it is loaded; see the class doc on timeouts."""
+        return model_of(self._call("load", model=model, keep_alive=keep_alive))
+
+    def unload(self, model: str) -> dict[str, Any]:
+        """Unload a model (it loads again on its next use) and return its description."""
+        return model_of(self._call("unload", model=model))
+
+    def pin(self, model: str) -> dict[str, Any]:
+        """Pin a model: the daemon no longer unloads it on its own (idle keep-alive, eviction)."""
+        return model_of(self._call("pin", model=model))
+
+    def unpin(self, model: str) -> dict[str, Any]:
+        """Undo ``pin``: the model's keep-alive and eviction apply again."""
+        return model_of(self._call("unpin", model=model))
 
     def status(self) -> dict[str, Any]:
         """The daemon's status."""
@@ -164,7 +205,7 @@ class Client:
             # No reply, or one to another request: a REQ socket cannot wait again, so start
             # over on a new socket (new identity) that stale replies can no longer reach.
             self.close()
-        raise unavailable(self.socket_path, self.retries, self.timeout)
+        raise unavailable(self.socket_path, self.retries, self.timeout, op)
 
     def _attempt(self, frame: bytes) -> list[bytes] | None:
         """One send and wait; None when nothing came back within the timeout."""

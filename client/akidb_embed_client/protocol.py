@@ -32,12 +32,19 @@ OP_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "prompt": (str, _NONE),
         "dimensions": (int, _NONE),
         "timeout_ms": (int, _NONE),
+        "keep_alive": (int, float, _NONE),
     },
     "models": {},
     "status": {},
     "ping": {},
+    "load": {"model": (str,), "keep_alive": (int, float, _NONE)},
+    "unload": {"model": (str,)},
+    "pin": {"model": (str,)},
+    "unpin": {"model": (str,)},
 }
-REQUIRED_FIELDS = {"embed": ("texts",)}
+# Seconds a model stays loaded after its last use: negative keeps it loaded, 0 unloads it at once.
+KEEP_ALIVE_FOREVER = -1
+REQUIRED_FIELDS = {"embed": ("texts",), "load": ("model",), "unload": ("model",), "pin": ("model",), "unpin": ("model",)}
 
 
 @dataclass(frozen=True)

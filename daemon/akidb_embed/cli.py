@@ -1,4 +1,4 @@
-"""Command-line front-ends to the client: ``embed``, ``models`` and ``status``.
+"""Command-line front-ends to the client: embed, models, status, and load, unload, pin, unpin.
 
 These talk to a running daemon through akidb_embed_client only, so they work from any
 machine user that can open the socket.
@@ -9,34 +9,53 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from akidb_embed_client import Client, EmbedError, Embeddings, Unavailable
+from akidb_embed_client import KEEP_ALIVE_FOREVER, Client, EmbedError, Embeddings, Unavailable
 
 TEXT_WIDTH = 40
 SHOWN_COMPONENTS = 4
 EXIT_ERROR = 2
 EXIT_UNAVAILABLE = 3
-
-Command = Callable[[argparse.Namespace], int]
+DEFAULT_TIMEOUT = 10.0
+LOAD_TIMEOUT = 120.0  # load answers once the model is loaded: minutes for a large one
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+MODEL_OPS = {
+    "load": "load a model now (answers once it is loaded)",
+    "unload": "unload a model (it loads again on its next use)",
+    "pin": "keep a model loaded until unpinned",
+    "unpin": "let the daemon unload a pinned model again",
+}
+# status shows memory first, these in this order; the rest follow in the daemon's order
+STATUS_FIRST = ("memory.source", "memory.pressure", "memory.used", "memory.available", "memory.total")
+BYTE_FIELDS = {"total", "available", "used", "own_rss", "swap_used", "swap_total"}
 
 
 def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``embed``, ``models`` and ``status`` on an argparse subparsers object."""
+    """Register the client commands on an argparse subparsers object."""
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument(
         "--socket", metavar="PATH", help="daemon socket (default: $AKIDB_EMBED_SOCKET or /run/akidb-embed/embed.sock)"
     )
     connection.add_argument(
-        "--timeout", metavar="S", type=float, default=10.0, help="seconds to wait for each try (default: 10)"
+        "--timeout", metavar="S", type=float,
+        help=f"seconds to wait for each try (default: {DEFAULT_TIMEOUT:g}; {LOAD_TIMEOUT:g} for load)",
     )
     connection.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    keeping = argparse.ArgumentParser(add_help=False)
+    keeping.add_argument(
+        "--keep-alive", metavar="S", type=seconds,
+        help="keep the model loaded S seconds after its last use (30, 5m, 2h; forever or negative: until unloaded)",
+    )
 
-    embed = subparsers.add_parser("embed", parents=[connection], help="embed texts with the running daemon")
+    embed = subparsers.add_parser("embed", parents=[connection, keeping], help="embed texts with the running daemon")
     embed.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed")
     embed.add_argument("--model", metavar="M", help="model id (default: the daemon's default model)")
     embed.add_argument("--prompt", metavar="P", help="prompt name from the manifest, or a literal prefix")
@@ -56,8 +75,13 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     status = subparsers.add_parser("status", parents=[connection], help="show the daemon's status")
     status.set_defaults(func=status_command)
 
+    for op, text in MODEL_OPS.items():
+        command = subparsers.add_parser(op, parents=[connection, keeping] if op == "load" else [connection], help=text)
+        command.add_argument("model", metavar="MODEL", help="model id")
+        command.set_defaults(func=model_command, op=op)
 
-def _exit_codes(command: Command) -> Command:
+
+def _exit_codes(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn daemon and connection errors into a one-line message and an exit code."""
 
     @functools.wraps(command)
@@ -71,8 +95,18 @@ def _exit_codes(command: Command) -> Command:
     return run
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.socket, timeout=args.timeout)
+def _client(args: argparse.Namespace, timeout: float = DEFAULT_TIMEOUT) -> Client:
+    return Client(args.socket, timeout=timeout if args.timeout is None else args.timeout)
+
+
+def _show(
+    args: argparse.Namespace, call: Callable[[Client], Any], fmt: Callable[[Any], str], timeout: float = DEFAULT_TIMEOUT
+) -> int:
+    """Make one call and print its answer: as JSON with ``--json``, else formatted by ``fmt``."""
+    with _client(args, timeout) as client:
+        answer = call(client)
+    print(json.dumps(answer, indent=2) if args.json else fmt(answer))
+    return 0
 
 
 @_exit_codes
@@ -80,71 +114,125 @@ def embed_command(args: argparse.Namespace) -> int:
     """Embed the texts and print a table, plus a similarity matrix for two or more."""
     with _client(args) as client:
         vectors = client.embed(
-            args.texts,
-            args.model,
-            normalize=args.normalize,
-            truncate=args.truncate,
-            prompt=args.prompt,
-            dimensions=args.dimensions,
+            args.texts, args.model, normalize=args.normalize, truncate=args.truncate, prompt=args.prompt,
+            dimensions=args.dimensions, keep_alive=args.keep_alive,
         )
     if args.json:
         print(json.dumps(embeddings_json(args.texts, vectors), indent=2))
         return 0
-    print(embeddings_table(args.texts, vectors))
-    if len(args.texts) > 1:
-        print()
-        print("cosine similarity")
-        print(similarity_table(vectors))
+    similarity = ["", "cosine similarity", similarity_table(vectors)] if len(args.texts) > 1 else []
+    print("\n".join([embeddings_table(args.texts, vectors), *similarity]))
     return 0
 
 
 @_exit_codes
 def models_command(args: argparse.Namespace) -> int:
     """Print every model in the catalog with its state."""
-    with _client(args) as client:
-        models = client.models()
-    if args.json:
-        print(json.dumps(models, indent=2))
-        return 0
-    headers = ["id", "state", "dimension", "pooling", "max_length", "default", "error"]
-    rows = [
-        [
-            str(m.get("id", "")),
-            str(m.get("state", "")),
-            str(m.get("dimension", "")),
-            str(m.get("pooling", "")),
-            str(m.get("max_length", "")),
-            "*" if m.get("default") else "",
-            m.get("error") or "",
-        ]
-        for m in models
-    ]
-    print(table(headers, rows) if rows else "no models in the catalog")
-    return 0
+    return _show(args, Client.models, models_table)
+
+
+@_exit_codes
+def model_command(args: argparse.Namespace) -> int:
+    """Load, unload, pin or unpin a model and print a line about it."""
+    if args.op == "load":
+        return _show(args, lambda client: client.load(args.model, args.keep_alive), model_summary, LOAD_TIMEOUT)
+    return _show(args, lambda client: getattr(client, args.op)(args.model), model_summary)
 
 
 @_exit_codes
 def status_command(args: argparse.Namespace) -> int:
     """Print the daemon's status as aligned key/value lines."""
-    with _client(args) as client:
-        status = client.status()
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    pairs = flatten(status)
-    width = max((len(key) for key, _ in pairs), default=0)
-    for key, value in pairs:
-        print(f"{key:<{width}}  {_scalar(value)}")
-    return 0
+    return _show(args, Client.status, status_lines)
+
+
+def models_table(models: Sequence[dict[str, Any]], now: float | None = None) -> str:
+    """One row per model, then the error of each model that has one."""
+    now = time.time() if now is None else now
+    headers = ["id", "state", "pinned", "memory", "last used", "in-flight", "requests", "dim", "default"]
+    rows = [
+        [str(m.get("id", "")), str(m.get("state", "")), "*" if m.get("pinned") else "", memory_cell(m),
+         ago(m.get("last_used"), now), _scalar(m.get("in_flight")), _scalar(m.get("requests")),
+         _scalar(m.get("dimension")), "*" if m.get("default") else ""]
+        for m in models
+    ]
+    if not rows:
+        return "no models in the catalog"
+    errors = [f"{m.get('id')}: {m['error']}" for m in models if m.get("error")]
+    return "\n".join([table(headers, rows), *([""] + errors if errors else [])])
+
+
+def model_summary(m: dict[str, Any]) -> str:
+    """One line: id, state, pinned, memory, load time and keep-alive, then the error if any."""
+    keep_alive = m.get("keep_alive")
+    parts = [
+        f"{m.get('id')}: {m.get('state')}",
+        "pinned" if m.get("pinned") else "not pinned",
+        f"memory {memory_cell(m)}" + (f" ({m['memory_source']})" if m.get("memory_source") else ""),
+        "load -" if m.get("load_ms") is None else f"load {m['load_ms']:.0f} ms",
+        "keep-alive " + ("-" if keep_alive is None else "forever" if keep_alive < 0 else f"{keep_alive:g}s"),
+    ]
+    return ", ".join(parts) + (f"; error: {m['error']}" if m.get("error") else "")
+
+
+def status_lines(status: dict[str, Any]) -> str:
+    """Aligned key/value lines: memory first (source, pressure, sizes), then the rest."""
+    pairs = dict(flatten(status))
+    keys = sorted(pairs, key=lambda key: (key.split(".")[0] != "memory", (*STATUS_FIRST, key).index(key)))
+    width = max((len(key) for key in keys), default=0)
+    return "\n".join(f"{key:<{width}}  {status_value(key, pairs[key])}" for key in keys)
+
+
+def status_value(key: str, value: Any) -> str:
+    """A status value in human units: bytes and MB as MiB/GiB, fractions as percentages."""
+    name = key.rsplit(".", 1)[-1]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return _scalar(value)
+    if key.startswith("memory.") and name in BYTE_FIELDS:
+        return human_bytes(value)
+    if name.endswith("_mb"):
+        return human_bytes(value * MIB)
+    if (name == "pressure" or name.endswith("_watermark")) and 0 <= value <= 1:
+        return f"{value * 100:.1f}%"
+    return str(value)
+
+
+def human_bytes(count: float) -> str:
+    """Bytes as GiB from 1 GiB up, else MiB."""
+    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / MIB:.0f} MiB"
+
+
+def memory_cell(m: dict[str, Any]) -> str:
+    """A model's memory in MB, with ``~`` when it is an estimate rather than measured."""
+    mb = None if m.get("memory_source") == "unknown" else m.get("memory_mb")
+    return "-" if mb is None else f"{'' if m.get('memory_source') == 'measured' else '~'}{mb:.0f} MB"
+
+
+def ago(stamp: float | None, now: float) -> str:
+    """How long ago a Unix time was, in its largest whole unit: ``12s ago``, ``5m ago``."""
+    if stamp is None:
+        return "-"
+    elapsed = max(0.0, now - stamp)
+    unit, size = next(((u, n) for u, n in (("d", 86400), ("h", 3600), ("m", 60)) if elapsed >= n), ("s", 1))
+    return f"{int(elapsed // size)}{unit} ago"
+
+
+def seconds(text: str) -> float:
+    """A duration for ``--keep-alive``: seconds, or with an s/m/h/d suffix, or ``forever``."""
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:])
+    try:
+        value = KEEP_ALIVE_FOREVER if text == "forever" else float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use seconds (30), 5m, 2h or forever")
+    return float(value)
 
 
 def embeddings_json(texts: Sequence[str], vectors: Embeddings) -> dict[str, Any]:
     """The embed result as plain JSON data, vectors as lists."""
     tokens = vectors.tokens or [None] * len(texts)
     return {
-        "model": vectors.model,
-        "fingerprint": vectors.fingerprint,
-        "dimension": vectors.dimension,
+        "model": vectors.model, "fingerprint": vectors.fingerprint, "dimension": vectors.dimension,
         "embeddings": [
             {"text": text, "tokens": count, "vector": row.tolist()}
             for text, count, row in zip(texts, tokens, np.asarray(vectors))
@@ -159,14 +247,10 @@ def embeddings_table(texts: Sequence[str], vectors: Embeddings) -> str:
     for index, (text, count, row) in enumerate(zip(texts, tokens, np.asarray(vectors))):
         head = " ".join(f"{x:+.4f}" for x in row[:SHOWN_COMPONENTS])
         more = " ..." if row.size > SHOWN_COMPONENTS else ""
+        dimension = vectors.dimension if vectors.dimension is not None else row.size
         rows.append([
-            str(index),
-            shorten(text),
-            str(vectors.model),
-            str(vectors.dimension if vectors.dimension is not None else row.size),
-            "" if count is None else str(count),
-            f"[{head}{more}]",
-            f"{np.linalg.norm(row):.4f}",
+            str(index), shorten(text), str(vectors.model), str(dimension), "" if count is None else str(count),
+            f"[{head}{more}]", f"{np.linalg.norm(row):.4f}",
         ])
     return table(["#", "text", "model", "dim", "tokens", "vector", "norm"], rows)
 

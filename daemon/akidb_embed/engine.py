@@ -1,8 +1,8 @@
-"""The embed path from a decoded request to vectors: validation, model, prompt, batcher.
+"""What each op does, from a decoded request to its reply: ``(header, vectors or None)``.
 
-``Engine.embed`` checks the request against the limits and the model's manifest, acquires the
-model from the registry, queues one ``Job`` on its batcher and awaits it. ``models``,
-``status`` and ``ping`` answer from the registry.
+``embed`` checks the request against the limits and the model's manifest, acquires the model
+from the registry, queues one ``Job`` on its batcher and awaits it. ``load``/``pin`` await a
+load; ``unload``, ``unpin``, ``models``, ``status`` and ``ping`` answer at once.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from .manifest import Manifest
 from .registry import Registry
 from .settings import Settings
 
+Outcome = tuple[dict[str, Any], "np.ndarray | None"]
+
 
 class Engine:
     """What each op does, given a registry of models."""
@@ -31,10 +33,10 @@ class Engine:
         self.registry = registry
         self.started = time.time()
 
-    async def embed(self, fields: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+    async def embed(self, fields: dict[str, Any]) -> Outcome:
         """The embed reply header and the vectors for one request."""
         texts = self._checked_texts(fields["texts"])
-        model = await self.registry.acquire(fields.get("model"))
+        model = await self.registry.acquire(fields.get("model"), fields.get("keep_alive"))
         try:
             job = self._job(model.manifest, texts, fields)
             model.batcher.submit(job)
@@ -49,16 +51,43 @@ class Engine:
         }
         return header, embedded.vectors
 
-    def models(self) -> dict[str, Any]:
-        """The catalog: every manifest with its state."""
-        return {"models": self.registry.describe(), "default": self.registry.default_id()}
+    async def load(self, fields: dict[str, Any]) -> Outcome:
+        """Load a model now (and keep it for ``keep_alive`` seconds)."""
+        entry = self.registry.entry(fields["model"])
+        await self.registry.load(entry)
+        if fields.get("keep_alive") is not None and entry.model is not None:
+            entry.model.keep_alive = fields["keep_alive"]
+        return {"model": self.registry.describe_entry(entry)}, None
 
-    def status(self) -> dict[str, Any]:
-        """Daemon-wide figures: uptime, models by state, queue depth."""
+    def unload(self, fields: dict[str, Any]) -> Outcome:
+        entry = self.registry.entry(fields["model"])
+        self.registry.unload(entry)
+        return {"model": self.registry.describe_entry(entry)}, None
+
+    async def pin(self, fields: dict[str, Any]) -> Outcome:
+        """Keep a model loaded: never evicted, reloaded at start."""
+        entry = self.registry.entry(fields["model"])
+        self.registry.pin(entry, True)
+        await self.registry.load(entry)
+        return {"model": self.registry.describe_entry(entry)}, None
+
+    def unpin(self, fields: dict[str, Any]) -> Outcome:
+        entry = self.registry.entry(fields["model"])
+        self.registry.pin(entry, False)
+        return {"model": self.registry.describe_entry(entry)}, None
+
+    def models(self, fields: dict[str, Any]) -> Outcome:
+        """The catalog: every manifest with its state."""
+        return {"models": self.registry.describe(), "default": self.registry.default_id()}, None
+
+    def status(self, fields: dict[str, Any]) -> Outcome:
+        """Daemon-wide figures: uptime, models by state, queues, memory and the budget."""
         described = self.registry.describe()
         states: dict[str, int] = {}
         for info in described:
             states[info["state"]] = states.get(info["state"], 0) + 1
+        memory = self.settings.memory
+        loaded = [info for info in described if info["state"] == "ready"]
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -69,10 +98,20 @@ class Engine:
             "models": states,
             "queued_texts": sum(info.get("queued_texts", 0) for info in described),
             "in_flight": sum(info.get("in_flight", 0) for info in described),
-        }
+            "memory": self.registry.monitor.sample().as_dict(),
+            "budget": {
+                "model_memory_mb": memory.model_memory_mb,
+                "max_loaded_models": memory.max_loaded_models,
+                "loaded_models": len(loaded),
+                "loaded_memory_mb": round(sum(info["memory_mb"] for info in loaded), 1),
+                "high_watermark": memory.high_watermark,
+                "low_watermark": memory.low_watermark,
+            },
+            "evictions": self.registry.evictions,
+        }, None
 
-    def ping(self) -> dict[str, Any]:
-        return {"pong": True, "version": __version__}
+    def ping(self, fields: dict[str, Any]) -> Outcome:
+        return {"pong": True, "version": __version__}, None
 
     def _checked_texts(self, texts: list[Any]) -> list[str]:
         limit = self.settings.limits.max_texts

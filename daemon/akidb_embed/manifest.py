@@ -48,6 +48,8 @@ class Manifest:
     default: bool = False
     enabled: bool = True
     providers: tuple[str, ...] | None = None
+    pinned: bool = False  # loaded at start and never evicted
+    keep_alive: float | None = None  # idle seconds before unloading; None: the daemon's default
 
     def resolve_prompt(self, prompt: str | None) -> str:
         """The text prefixed to each input: a named prompt, a literal prefix, or the default."""
@@ -100,6 +102,8 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "default": ((bool,), False),
     "enabled": ((bool,), False),
     "providers": ((list,), False),
+    "pinned": ((bool,), False),
+    "keep_alive": ((int, float), False),
 }
 
 

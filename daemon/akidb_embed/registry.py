@@ -1,11 +1,13 @@
-"""The model registry: manifests of the catalog and the models loaded from them.
+"""The model registry: the catalog's manifests and the models loaded from them.
 
-``scan`` reads the catalog directory and reconciles: new manifests become available, changed
-ones replace the old entry (its loaded model is retired once its requests finish), removed
-ones are retired, broken ones are listed with their error and never affect the others.
-``acquire`` hands out a reference-counted ``LoadedModel``, loading it on first use; concurrent
-first requests share one load, and loads run off the event loop so other models keep serving.
-Everything here runs on the event-loop thread except ``_load``.
+``scan`` reconciles the entries with the catalog directory (at start, on SIGHUP and on every
+watcher event, so a missed event cannot leave it wrong): new manifests become available; a
+changed manifest or model file loads the new version in the background while the old one
+serves, then swaps; a removed manifest retires its model once its requests finish; a manifest
+that does not parse is listed with its error and never replaces a working version.
+``acquire`` hands out reference-counted models, loading on first use (one load however many
+ask), after evicting least recently used idle models until the new one fits the budget.
+Everything here runs on the event-loop thread; loads and unloads run on the loader thread.
 """
 
 from __future__ import annotations
@@ -14,52 +16,38 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from akidb_embed_client.errors import ModelUnavailable, UnknownModel
+from akidb_embed_client.errors import EmbedError, InsufficientMemory, ModelUnavailable, UnknownModel
 
-from .backend import BackendError, OnnxBackend
-from .batcher import Batcher
-from .manifest import Manifest, ManifestError, fingerprint, load_manifest
+from . import cache
+from .loader import LoadedModel, load_model
+from .manifest import Manifest, ManifestError, load_manifest
+from .memory import MIB, MemoryMonitor
 from .settings import Settings
-from .tokenize import TextEncoder
+from .state import StateStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to serve: its session, its batcher and its use counters."""
-
-    manifest: Manifest
-    fingerprint: str
-    backend: OnnxBackend
-    batcher: Batcher
-    load_seconds: float
-    loaded_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.time)
-    in_flight: int = 0
-    requests: int = 0
-    served: int = 0  # texts
-    retired: bool = False
-
-    def close(self) -> None:
-        self.batcher.close()
-        self.backend.close()
+# Before a model's first load: resident memory per byte of ONNX file (weights, ORT's
+# optimized copies, activations), the converter's rule too.
+FILE_SIZE_FACTOR = 2.5
 
 
 @dataclass
 class Entry:
-    """One manifest file of the catalog and what became of it."""
+    """One manifest of the catalog and the model serving from it."""
 
     id: str
     path: Path
-    manifest: Manifest | None = None
-    error: str | None = None
-    model: LoadedModel | None = None
-    loading: asyncio.Future | None = None
+    manifest: Manifest | None = None  # the newest valid version
+    files: tuple = ()  # size and mtime of the files it names: a replaced file is a new version
+    error: str | None = None  # why it cannot serve
+    update_error: str | None = None  # why a newer version is not serving (the old one is)
+    model: LoadedModel | None = None  # the version serving now
+    loading: asyncio.Task | None = None
+    pinned: bool = False
 
     @property
     def state(self) -> str:
@@ -75,28 +63,52 @@ class Entry:
 
 
 class Registry:
-    """Catalog entries by model id, and single-flight loading of their models."""
+    """Catalog entries by model id; loading, swapping, evicting and unloading their models."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, monitor: MemoryMonitor, store: StateStore) -> None:
         self.settings = settings
+        self.monitor = monitor
+        self.store = store
         self.entries: dict[str, Entry] = {}
-        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="load")
+        self.evictions = 0
+        # One loader thread: loads measure the daemon's memory, which a parallel load would blur.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
 
     def scan(self) -> None:
         """Reconcile the entries with the manifests now in the catalog directory."""
         found = {entry.id: entry for entry in map(_read_entry, sorted(self.settings.catalog.glob("*.toml")))}
-        for model_id, old in self.entries.items():
-            new = found.get(model_id)
-            if new is not None and old.error is None and (old.manifest, old.path) == (new.manifest, new.path):
-                found[model_id] = old  # unchanged: keep it, loaded or not
+        for model_id, entry in list(self.entries.items()):
+            new = found.pop(model_id, None)
+            if new is None:
+                log.info("model %s: manifest removed", model_id)
+                del self.entries[model_id]
+                self._unload(entry)
             else:
-                log.info("model %s: manifest %s", model_id, "changed" if new else "removed")
-                self._retire(old)
-        for entry in found.values():
-            if entry.error and entry.manifest is None:
-                log.error("model %s: %s", entry.id, entry.error)
-        self.entries = found
+                self._update(entry, new)
+        for model_id, entry in found.items():
+            entry.pinned = (entry.manifest is not None and entry.manifest.pinned) or self.store.record(model_id).pinned
+            self.entries[model_id] = entry
+            if entry.error:
+                log.error("model %s: %s", model_id, entry.error)
         log.info("catalog %s: %s; default model %s", self.settings.catalog, self._summary(), self.default_id())
+
+    def _update(self, entry: Entry, new: Entry) -> None:
+        if new.manifest is None:  # a broken (perhaps half-written) version never replaces a working one
+            if entry.manifest is None:
+                entry.error = new.error
+            elif entry.update_error != new.error:
+                entry.update_error = new.error
+                log.error("model %s: new manifest ignored, the previous version stays: %s", entry.id, new.error)
+            return
+        entry.update_error = None
+        if (new.manifest, new.files) == (entry.manifest, entry.files):
+            if entry.model is None and entry.loading is None:
+                entry.error = None  # a rescan retries a failed load
+            return
+        log.info("model %s: new version (manifest or model files changed)", entry.id)
+        entry.manifest, entry.files, entry.path, entry.error = new.manifest, new.files, new.path, None
+        if entry.model is not None and entry.loading is None:
+            self._start_load(entry)  # hot swap: the old version serves until the new one is ready
 
     def default_id(self) -> str | None:
         """The configured default model, else the manifest marked default = true, else the only model."""
@@ -106,37 +118,54 @@ class Registry:
         marked = [e.id for e in enabled if e.manifest.default]
         return marked[0] if marked else enabled[0].id if len(enabled) == 1 else None
 
-    async def acquire(self, model_id: str | None) -> LoadedModel:
+    async def acquire(self, model_id: str | None, keep_alive: float | None = None) -> LoadedModel:
         """A loaded, reference-counted model; pair with ``release``."""
-        entry = self._entry(model_id)
+        entry = self.entry(model_id)
         if entry.model is None:
-            await self._ensure_loaded(entry)
+            await self.load(entry)
         model = entry.model
-        if model is None:  # retired by a rescan while this request waited for the load
-            raise ModelUnavailable(f"model {entry.id!r} was replaced while loading; retry")
+        if model is None:  # unloaded or removed while this request waited for the load
+            raise ModelUnavailable(f"model {entry.id!r} was unloaded while loading; retry")
         model.in_flight += 1
         model.last_used = time.time()
+        if keep_alive is not None:
+            model.keep_alive = keep_alive
         return model
 
     def release(self, model: LoadedModel, served: int = 0) -> None:
-        """Drop one reference; a retired model closes when its last request is done."""
+        """Drop one reference; a retired (or keep_alive = 0) model unloads when its last request is done."""
         model.in_flight -= 1
-        model.served += served
         model.requests += 1
-        if model.retired and model.in_flight == 0:
-            model.close()
+        model.served += served
+        model.last_used = time.time()
+        if model.in_flight:
+            return
+        entry = self.entries.get(model.manifest.id)
+        if model.retired:
+            self._close(model)
+        elif model.keep_alive == 0 and entry is not None and entry.model is model and not entry.pinned:
+            self.unload(entry, "keep_alive 0")
 
-    def describe(self) -> list[dict[str, Any]]:
-        """Every entry with its state and, when loaded, its counters (for ``models``)."""
-        return [self._describe(entry) for entry in self.entries.values()]
+    async def load(self, entry: Entry) -> None:
+        """Load the entry's newest version unless it is loaded; every caller shares one load."""
+        if entry.error:
+            raise ModelUnavailable(f"model {entry.id!r} failed to load: {entry.error}")
+        if entry.loading is None:
+            self._start_load(entry)
+        await asyncio.shield(entry.loading)
 
-    async def close(self) -> None:
-        """Retire every model and stop the loader threads."""
-        for entry in self.entries.values():
-            self._retire(entry)
-        self._loader.shutdown(wait=True)
+    def unload(self, entry: Entry, reason: str = "on request") -> None:
+        """Unload now; requests in flight finish on it first."""
+        log.info("model %s: unloading (%s)", entry.id, reason)
+        self._unload(entry)
 
-    def _entry(self, model_id: str | None) -> Entry:
+    def pin(self, entry: Entry, pinned: bool) -> None:
+        entry.pinned = pinned
+        self.store.record(entry.id).pinned = pinned
+        self._save()
+
+    def entry(self, model_id: str | None) -> Entry:
+        """The entry for a request's model (None: the default), if it can serve."""
         if model_id is None:
             model_id = self.default_id()
             if model_id is None:
@@ -150,70 +179,174 @@ class Registry:
             raise ModelUnavailable(f"model {model_id!r} cannot serve: {why}")
         return entry
 
-    async def _ensure_loaded(self, entry: Entry) -> None:
-        if entry.error:
-            raise ModelUnavailable(f"model {entry.id!r} failed to load: {entry.error}")
-        if entry.loading is None:
-            entry.loading = asyncio.ensure_future(self._load_entry(entry))
-        await asyncio.shield(entry.loading)
-
-    async def _load_entry(self, entry: Entry) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            model = await loop.run_in_executor(self._loader, self._load, entry.manifest, loop)
-        except Exception as exc:
-            entry.error = f"{exc}; fix it and rescan (SIGHUP / systemctl reload akidb-embed)"
-            log.error("model %s: load failed: %s", entry.id, exc)
-            raise ModelUnavailable(f"model {entry.id!r} failed to load: {entry.error}") from None
-        finally:
-            entry.loading = None
-        if self.entries.get(entry.id) is not entry:  # its manifest changed or went while it loaded
-            model.close()
-            raise ModelUnavailable(f"model {entry.id!r} changed while loading; retry")
-        entry.model = model
-
-    def _load(self, manifest: Manifest, loop: asyncio.AbstractEventLoop) -> LoadedModel:
-        """Build session, tokenizer and batcher, and check them on a warm-up batch (loader thread)."""
-        started = time.perf_counter()
-        digest = _fingerprint(manifest)
-        encoder = _text_encoder(manifest)
-        backend = OnnxBackend(
-            manifest.model,
-            manifest.providers or self.settings.providers,
-            self.settings.cache_dir / "tensorrt" / digest,
-            self.settings.intra_op_threads,
-        )
-        _warm_up(manifest, encoder, backend)
-        batcher = Batcher(manifest.id, encoder, backend, manifest.pooling, manifest.dimension, self.settings.limits, loop)
-        seconds = time.perf_counter() - started
-        log.info("model %s: loaded in %.0f ms on %s (fingerprint %s)", manifest.id, seconds * 1e3, backend.providers[0], digest)
-        return LoadedModel(manifest, digest, backend, batcher, seconds)
-
-    def _retire(self, entry: Entry) -> None:
-        model, entry.model = entry.model, None
-        if model is None:
+    async def maintain(self) -> None:
+        """Unload models idle past their keep_alive, and evict under memory pressure (periodic)."""
+        now = time.time()
+        for entry in list(self.entries.values()):
+            model = entry.model
+            if model and not entry.pinned and entry.loading is None and 0 <= model.keep_alive < model.idle_for(now):
+                self.unload(entry, f"idle for {model.idle_for(now):.0f} s, keep_alive {model.keep_alive:g} s")
+        sample = self.monitor.sample()
+        if sample.pressure <= self.settings.memory.high_watermark:
             return
+        victims = cache.evictions_for_pressure(self._residents(), sample.used, sample.total, self.settings.memory.low_watermark)
+        for model_id in victims:
+            self.evictions += 1
+            self.unload(self.entries[model_id], f"memory pressure {sample.pressure:.0%} over the high watermark")
+        if not victims:
+            log.warning("memory pressure %.0f%% but no idle unpinned model to evict", sample.pressure * 100)
+
+    async def warm_start(self) -> None:
+        """Reload pinned models, then those warm before the last stop, most recent first, as memory allows."""
+        order = [e.id for e in self.entries.values() if e.pinned] + self.store.state.warm
+        for model_id in dict.fromkeys(order):
+            entry = self.entries.get(model_id)
+            if entry is None or entry.state != "available":
+                continue
+            try:
+                await self.load(entry)
+            except EmbedError as exc:
+                log.warning("model %s: not reloaded at start: %s", model_id, exc.message)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every entry with its state and, when loaded, its counters (for ``models``)."""
+        return [self.describe_entry(entry) for entry in self.entries.values()]
+
+    async def close(self) -> None:
+        """Unload every model and stop the loader thread."""
+        self._save()
+        for entry in self.entries.values():
+            if entry.loading is not None:
+                entry.loading.cancel()
+            self._unload(entry)
+        await asyncio.get_running_loop().run_in_executor(self._loader, lambda: None)  # closes queued before
+        self._loader.shutdown(wait=True)
+
+    def _start_load(self, entry: Entry) -> None:
+        entry.loading = asyncio.ensure_future(self._load_newest(entry))
+        entry.loading.add_done_callback(lambda task: _finish_load(entry, task))
+
+    async def _load_newest(self, entry: Entry) -> None:
+        """Load the entry's newest manifest, again if it changed meanwhile, then swap it in."""
+        loop = asyncio.get_running_loop()
+        manifest = entry.manifest
+        record = self.store.record(entry.id)
+        try:
+            self._make_room(entry, manifest)
+            keep_alive = _keep_alive(manifest, self.settings)
+            measure = record.footprint == 0  # the first load runs the large warm-up to measure it
+            model = await loop.run_in_executor(self._loader, load_model, manifest, self.settings, loop, keep_alive, measure)
+        except InsufficientMemory:
+            raise
+        except Exception as exc:
+            if entry.manifest is not manifest:
+                return await self._load_newest(entry)
+            self._fail(entry, f"{exc}; fix it and rescan (SIGHUP / systemctl reload akidb-embed)")
+            raise ModelUnavailable(f"model {entry.id!r} failed to load: {exc}") from None
+        if self.entries.get(entry.id) is not entry or entry.manifest is not manifest:
+            self._close(model)  # removed or changed again while it loaded
+            if self.entries.get(entry.id) is not entry:
+                raise ModelUnavailable(f"model {entry.id!r} was removed while loading")
+            return await self._load_newest(entry)
+        old, entry.model = entry.model, model
+        if old is not None:
+            log.info("model %s: swapped to fingerprint %s", entry.id, model.fingerprint)
+            self._retire(old)
+        same_version = record.fingerprint == model.fingerprint
+        record.footprint = max(record.footprint, model.footprint) if same_version else model.footprint
+        record.fingerprint, record.load_ms = model.fingerprint, model.load_seconds * 1e3
+        self._save()
+
+    def _make_room(self, entry: Entry, manifest: Manifest) -> None:
+        """Evict what a load of ``manifest`` needs gone, or raise InsufficientMemory."""
+        memory = self.settings.memory
+        sample = self.monitor.sample()
+        budget = cache.Budget(memory.model_memory_mb * MIB, memory.max_loaded_models, sample.available - memory.reserve_mb * MIB)
+        residents = [r for r in self._residents() if r.id != entry.id or entry.model is not None]
+        need = self._estimate(entry.id, manifest)[0]
+        for model_id in cache.evictions_to_fit(entry.id, need, residents, budget):
+            self.evictions += 1
+            self.unload(self.entries[model_id], f"least recently used, to make room for {entry.id}")
+
+    def _residents(self) -> list[cache.Resident]:
+        residents = []
+        for e in self.entries.values():
+            if e.model is not None:
+                idle = e.model.in_flight == 0 and not e.pinned and e.loading is None
+                residents.append(cache.Resident(e.id, self._footprint(e), e.model.last_used, idle))
+            elif e.loading is not None and e.manifest is not None:  # a load under way holds its reservation
+                residents.append(cache.Resident(e.id, self._estimate(e.id, e.manifest)[0], time.time(), False))
+        return residents
+
+    def _footprint(self, entry: Entry) -> int:
+        return max(entry.model.footprint, self.store.record(entry.id).footprint)
+
+    def _estimate(self, model_id: str, manifest: Manifest) -> tuple[int, str]:
+        """Bytes a load will take and where the figure comes from."""
+        record = self.store.record(model_id)
+        if record.footprint:
+            return record.footprint, "measured"
+        if manifest.memory_mb:
+            return manifest.memory_mb * MIB, "manifest"
+        try:
+            return int(manifest.model.stat().st_size * FILE_SIZE_FACTOR), "file size"
+        except OSError:
+            return 0, "unknown"
+
+    def _fail(self, entry: Entry, message: str) -> None:
+        log.error("model %s: load failed: %s", entry.id, message)
+        if entry.model is not None:
+            entry.update_error = message  # the old version keeps serving
+        else:
+            entry.error = message
+
+    def _unload(self, entry: Entry) -> None:
+        model, entry.model = entry.model, None
+        if model is not None:
+            self._retire(model)
+            self._save()
+
+    def _retire(self, model: LoadedModel) -> None:
         model.retired = True
         if model.in_flight == 0:
-            model.close()
+            self._close(model)
 
-    def _describe(self, entry: Entry) -> dict[str, Any]:
-        info = entry.manifest.describe() if entry.manifest else {"id": entry.id}
-        info.update(state=entry.state, error=entry.error, path=str(entry.path))
-        if entry.model is not None:
-            m = entry.model
+    def _close(self, model: LoadedModel) -> None:
+        """Close on the loader thread (after loads queued before it), remembering what it released."""
+        future = asyncio.get_running_loop().run_in_executor(self._loader, model.close)
+        record = self.store.record(model.manifest.id)
+
+        def remember(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None and record.fingerprint == model.fingerprint:
+                record.footprint = max(record.footprint, done.result())  # includes the arena it grew to
+
+        future.add_done_callback(remember)
+
+    def _save(self) -> None:
+        loaded = sorted((e.model for e in self.entries.values() if e.model), key=lambda m: -m.last_used)
+        for model in loaded:
+            self.store.record(model.manifest.id).last_used = model.last_used
+        self.store.save([m.manifest.id for m in loaded])
+
+    def describe_entry(self, entry: Entry) -> dict[str, Any]:
+        serving = entry.model.manifest if entry.model else entry.manifest
+        info = serving.describe() if serving else {"id": entry.id}
+        estimate, source = self._estimate(entry.id, serving) if serving else (0, "unknown")
+        info.update(
+            state=entry.state, error=entry.error, update_error=entry.update_error, path=str(entry.path),
+            pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
+            keep_alive=_keep_alive(serving, self.settings) if serving else None,
+            last_used=self.store.record(entry.id).last_used or None,
+        )  # fmt: skip
+        model = entry.model
+        if model is not None:
             info.update(
-                fingerprint=m.fingerprint,
-                provider=m.backend.providers[0],
-                loaded_at=m.loaded_at,
-                last_used=m.last_used,
-                in_flight=m.in_flight,
-                requests=m.requests,
-                served=m.served,
-                load_ms=round(m.load_seconds * 1e3, 1),
-                queued_texts=m.batcher.queued_texts,
-                batches=m.batcher.batches_run,
-            )
+                fingerprint=model.fingerprint, provider=model.backend.providers[0], loaded_at=model.loaded_at,
+                last_used=model.last_used, in_flight=model.in_flight, requests=model.requests, served=model.served,
+                load_ms=round(model.load_seconds * 1e3, 1), queued_texts=model.batcher.queued_texts,
+                batches=model.batcher.batches_run, keep_alive=model.keep_alive,
+                memory_mb=round(self._footprint(entry) / MIB, 1), memory_source="measured",
+            )  # fmt: skip
         return info
 
     def _summary(self) -> str:
@@ -221,34 +354,31 @@ class Registry:
         return ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) or "no manifests"
 
 
+def _finish_load(entry: Entry, task: asyncio.Task) -> None:
+    if entry.loading is task:
+        entry.loading = None
+    if not task.cancelled():
+        task.exception()  # retrieved here: a background swap may have no one awaiting it
+
+
+def _keep_alive(manifest: Manifest, settings: Settings) -> float:
+    return manifest.keep_alive if manifest.keep_alive is not None else settings.memory.keep_alive
+
+
 def _read_entry(path: Path) -> Entry:
     try:
         manifest = load_manifest(path)
     except ManifestError as exc:
         return Entry(path.stem, path, error=str(exc))
-    return Entry(manifest.id, path, manifest)
+    return Entry(manifest.id, path, manifest, files=_file_stats(manifest))
 
 
-def _fingerprint(manifest: Manifest) -> str:
-    try:
-        return fingerprint(manifest)
-    except OSError as exc:
-        raise BackendError(f"cannot read {exc.filename}: {exc.strerror}; fix the path in {manifest.path}") from None
-
-
-def _text_encoder(manifest: Manifest) -> TextEncoder:
-    try:
-        return TextEncoder(manifest.tokenizer, manifest.max_length, manifest.padding_side)
-    except Exception as exc:  # tokenizers raises a bare Exception for a corrupt file
-        raise BackendError(f"tokenizer {manifest.tokenizer} cannot be read: {exc}") from None
-
-
-def _warm_up(manifest: Manifest, encoder: TextEncoder, backend: OnnxBackend) -> None:
-    """Run a tiny batch so a wrong model fails at load, not on a user's request."""
-    padded = encoder.pad(encoder.encode(["warm up", "a second, longer warm-up text"]))
-    states = backend.run(padded)
-    if states.shape[-1] != manifest.dimension:
-        raise BackendError(
-            f"{manifest.model} produces {states.shape[-1]}-dimensional states but the manifest says "
-            f"dimension = {manifest.dimension}; fix the manifest"
-        )
+def _file_stats(manifest: Manifest) -> tuple:
+    stats = []
+    for path in (manifest.model, manifest.tokenizer):
+        try:
+            st = path.stat()
+            stats.append((st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            stats.append(None)
+    return tuple(stats)

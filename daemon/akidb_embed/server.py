@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Coroutine
 from pathlib import Path
 
 import zmq
@@ -107,11 +108,11 @@ class Server:
                 )
             request = protocol.decode_request(body[0])
             request_id = request.id
-            if request.op == "embed":
-                self._start_embed(envelope, request)
+            outcome = getattr(self.engine, request.op)(request.fields)
+            if asyncio.iscoroutine(outcome):
+                self._start(envelope, request, outcome)
                 return
-            result = getattr(self.engine, request.op)()
-            self._send(envelope, protocol.encode_result(request_id, result))
+            self._send(envelope, protocol.encode_result(request_id, *outcome))
         except EmbedError as exc:
             if request_id is None and body:
                 request_id = protocol.request_id_of(body[0])
@@ -120,23 +121,24 @@ class Server:
             log.exception("request %r failed", request_id)
             self._send(envelope, protocol.encode_error(request_id, InternalError(f"internal error: {exc}")))
 
-    def _start_embed(self, envelope: list[bytes], request: protocol.Request) -> None:
+    def _start(self, envelope: list[bytes], request: protocol.Request, outcome: Coroutine) -> None:
+        """Run an op that waits (on inference or a load) as a task of its own."""
         if not self.accepting:
+            outcome.close()
             raise ShuttingDown("the daemon is shutting down; retry in a moment")
-        task = asyncio.ensure_future(self._embed(envelope, request))
+        task = asyncio.ensure_future(self._answer(envelope, request, outcome))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _embed(self, envelope: list[bytes], request: protocol.Request) -> None:
+    async def _answer(self, envelope: list[bytes], request: protocol.Request, outcome: Coroutine) -> None:
         try:
-            header, vectors = await self.engine.embed(request.fields)
-            frames = protocol.encode_result(request.id, header, vectors)
+            frames = protocol.encode_result(request.id, *await outcome)
         except EmbedError as exc:
             frames = protocol.encode_error(request.id, exc)
         except asyncio.CancelledError:
             frames = protocol.encode_error(request.id, ShuttingDown("the daemon stopped before this request finished; retry"))
         except Exception as exc:
-            log.exception("embed request %r failed", request.id)
+            log.exception("%s request %r failed", request.op, request.id)
             frames = protocol.encode_error(request.id, InternalError(f"internal error: {exc}"))
         self._send(envelope, frames)
         self._receive()  # a send can swallow the descriptor's signal for requests that came meanwhile

@@ -40,6 +40,29 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class MemorySettings:
+    model_memory_mb: int = 0  # cap on the loaded models' footprints together; 0: none but the system's
+    max_loaded_models: int = 0  # 0: no cap
+    high_watermark: float = 0.90  # system memory in use above which idle models are evicted...
+    low_watermark: float = 0.80  # ...until it is back below this
+    reserve_mb: int = 256  # headroom a load must leave for the rest of the system
+    check_seconds: float = 2.0  # how often pressure and keep_alive are checked
+    keep_alive: float = 300.0  # idle seconds before a model unloads; negative: never
+    tegrastats: str = "auto"  # "auto" (on PATH), "off", or the program's path
+    tegrastats_interval_ms: int = 1000
+    warmup_tokens: int = 2048  # padded tokens of the batch run at a first load to measure a model
+
+    def __post_init__(self) -> None:
+        for name in ("model_memory_mb", "max_loaded_models", "reserve_mb"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"memory.{name} must be 0 or positive")
+        if not 0 < self.low_watermark < self.high_watermark <= 1:
+            raise SettingsError("memory watermarks need 0 < low_watermark < high_watermark <= 1")
+        if self.check_seconds <= 0 or self.tegrastats_interval_ms <= 0 or self.warmup_tokens <= 0:
+            raise SettingsError("memory.check_seconds, tegrastats_interval_ms and warmup_tokens must be positive")
+
+
+@dataclass(frozen=True)
 class Settings:
     socket: Path = DEFAULT_SOCKET
     catalog: Path = Path("/etc/akidb-embed/models.d")
@@ -51,6 +74,7 @@ class Settings:
     drain_seconds: float = 10.0  # on stop, how long requests in flight may take to finish
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+    memory: MemorySettings = field(default_factory=MemorySettings)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -80,9 +104,10 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     Overrides that are None are ignored, so argparse results can be passed straight in.
     """
     data = _read_config(config)
-    limits = data.pop("limits", {})
-    if not isinstance(limits, dict):
-        raise SettingsError("[limits] must be a table")
+    tables = {name: data.pop(name, {}) for name in ("limits", "memory")}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise SettingsError(f"[{name}] must be a table")
     if os.environ.get(SOCKET_ENV):
         data["socket"] = os.environ[SOCKET_ENV]
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -98,7 +123,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     if "providers" in data:
         data["providers"] = tuple(data["providers"])
     try:
-        return Settings(**data, limits=Limits(**limits))
+        return Settings(**data, limits=Limits(**tables["limits"]), memory=MemorySettings(**tables["memory"]))
     except TypeError as exc:
         raise SettingsError(f"bad setting: {exc}") from None
 
