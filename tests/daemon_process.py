@@ -79,12 +79,11 @@ def run_daemon(
     workdir = Path(tempfile.mkdtemp(prefix="akd-"))
     socket = socket or workdir / "embed.sock"
     config = workdir / "akidb-embed.toml"
-    write_config(config, {"state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache"), **settings})
-    settings = {}
+    # tegrastats off unless a test asks for it: a test's PATH may hold the stand-in.
+    settings["memory"] = {"tegrastats": "off", **settings.get("memory", {})}
+    defaults = {"state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache")}
+    write_config(config, {**defaults, **settings})
     log_path = workdir / "daemon.log"
-    # Off by default: this machine may have no tegrastats, but a test's PATH may.
-    memory = {"tegrastats": "off", **settings.pop("memory", {})}
-    settings["memory"] = memory
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("AKIDB_EMBED_SOCKET", None)
     command = [sys.executable, "-m", "akidb_embed", "serve", "--config", str(config), "--socket", str(socket), "--catalog", str(catalog)]

@@ -4,6 +4,7 @@ and MemoryMonitor with the tegrastats stand-in (tests/bin/tegrastats) as a real 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import threading
@@ -253,9 +254,11 @@ def test_cgroup_of_this_process() -> None:
 
 def test_process_rss_follows_allocation() -> None:
     before = process_rss()
-    block = b"x" * (64 * MIB)  # written, so resident
+    block = mmap.mmap(-1, 64 * MIB)  # fresh pages: a heap allocation could reuse resident ones
+    block.write(b"x" * (64 * MIB))  # written, so resident
     assert process_rss() - before >= 48 * MIB
-    del block
+    block.close()
+    assert process_rss() - before < 16 * MIB
 
 
 def test_sample_pressure_and_dict() -> None:

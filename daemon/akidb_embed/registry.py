@@ -214,11 +214,13 @@ class Registry:
 
     async def close(self) -> None:
         """Unload every model and stop the loader thread."""
-        self._save()
+        self._save()  # the warm set as it is now, before it empties
         for entry in self.entries.values():
             if entry.loading is not None:
                 entry.loading.cancel()
-            self._unload(entry)
+            model, entry.model = entry.model, None
+            if model is not None:
+                self._retire(model)
         await asyncio.get_running_loop().run_in_executor(self._loader, lambda: None)  # closes queued before
         self._loader.shutdown(wait=True)
 
