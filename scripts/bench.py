@@ -10,8 +10,12 @@ Usage: scripts/bench.py --catalog .dev/models.d [--model all-minilm-l6-v2] [--te
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import re
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +30,12 @@ from akidb_embed import pooling  # noqa: E402
 from akidb_embed.backend import OnnxBackend  # noqa: E402
 from akidb_embed.batcher import CPU_BATCH_COST_TOKENS, cut_batches  # noqa: E402
 from akidb_embed.manifest import Manifest, load_manifest  # noqa: E402
-from akidb_embed.settings import Limits  # noqa: E402
+from akidb_embed.engine import Engine  # noqa: E402
+from akidb_embed.memory import MIB, MemoryMonitor  # noqa: E402
+from akidb_embed.registry import Registry  # noqa: E402
+from akidb_embed.settings import Limits, load_settings  # noqa: E402
+from akidb_embed.state import StateStore  # noqa: E402
+from akidb_embed_client.errors import UnknownModel  # noqa: E402
 from akidb_embed.tokenize import TextEncoder  # noqa: E402
 from akidb_embed_client import Client  # noqa: E402
 from daemon_process import run_daemon  # noqa: E402
@@ -147,6 +156,9 @@ def main() -> int:
         progress("daemon: bulk")
         daemon_bulk = bulk_rate(remote, texts)
 
+    cache = cache_figures(manifest)
+    routing_us = routing_overhead_us(args.catalog, manifest.id)
+
     sequential_rate = 1e3 / statistics.mean(daemon_single)
     print(f"\n{'measure':<34} {'daemon':>10} {'in-proc':>10} {'unit':<8} {'ratio':>6}  target")
     print(row("single text p50", p50(daemon_single), p50(local_single), "ms", "≤ in-proc + 0.5 ms"))
@@ -155,7 +167,97 @@ def main() -> int:
     print(row(f"bulk {BULK} texts/request", daemon_bulk, local_bulk, "texts/s", "≥ 0.90"))
     print(row(f"{CONCURRENT} clients vs daemon sequential", daemon_concurrent, sequential_rate, "texts/s", "> 1.00"))
     print(f"{'  concurrent call p50':<34} {p50(concurrent_ms):>10.2f} {'':>10} ms")
+    print(f"\n{'model cache':<34} {'value':>10} {'':>10} {'unit':<8} {'':>6}  target")
+    for name, value, unit, target in [
+        ("first load (measures footprint)", cache["first_load_ms"], "ms", ""),
+        ("cold load p50 (first request)", p50(cache["cold_ms"]), "ms", "≤ 300 ms"),
+        ("hot-add p50 (rename → embed)", p50(cache["hot_add_ms"]), "ms", "≤ 1000 ms"),
+        ("routing overhead per request", routing_us, "µs", "≤ 200 µs"),
+        ("RSS before load", cache["rss_before"] / MIB, "MiB", ""),
+        ("RSS loaded", cache["rss_loaded"] / MIB, "MiB", ""),
+        ("RSS after unload", cache["rss_after"] / MIB, "MiB", "≈ before"),
+    ]:
+        print(f"{name:<34} {value:>10.2f} {'':>10} {unit:<8} {'':>6}  {target}")
     return 0
+
+
+def cache_figures(manifest: Manifest, cycles: int = 10) -> dict:
+    """First and cold loads, hot-add latency and RSS around a load/unload, on a catalog of its own."""
+    figures: dict = {"cold_ms": [], "hot_add_ms": []}
+    with tempfile.TemporaryDirectory(prefix="akb-") as tmp:
+        catalog = Path(tmp) / "models.d"
+        catalog.mkdir()
+        (catalog / f"{manifest.id}.toml").write_text(manifest_text(manifest, manifest.id))
+        progress("model cache: first load, cold loads, RSS")
+        with run_daemon(catalog, providers=["cpu"]) as daemon, Client(daemon.socket, timeout=120) as client:
+            figures["rss_before"] = settled_rss(client)
+            figures["first_load_ms"] = timed_ms(lambda: client.embed("first", model=manifest.id))
+            figures["rss_loaded"] = settled_rss(client)
+            for _ in range(cycles):
+                client.unload(manifest.id)
+                figures["cold_ms"].append(timed_ms(lambda: client.embed("cold", model=manifest.id)))
+            client.unload(manifest.id)
+            figures["rss_after"] = settled_rss(client)
+            progress("model cache: hot-add")
+            for i in range(5):
+                figures["hot_add_ms"].append(hot_add_ms(client, catalog, manifest, f"hot-{i}"))
+    return figures
+
+
+def hot_add_ms(client: Client, catalog: Path, manifest: Manifest, model_id: str) -> float:
+    """Manifest renamed into place → first successful embed."""
+    staging = catalog.parent / f"{model_id}.toml.tmp"
+    staging.write_text(manifest_text(manifest, model_id))
+    started = time.perf_counter()
+    os.replace(staging, catalog / f"{model_id}.toml")
+    while True:
+        try:
+            client.embed("hot", model=model_id)
+            return (time.perf_counter() - started) * 1e3
+        except UnknownModel:
+            time.sleep(0.005)
+
+
+def manifest_text(manifest: Manifest, model_id: str) -> str:
+    """The manifest under another id, with absolute paths so it can live in any folder."""
+    text = manifest.path.read_text()
+    text = re.sub(r'(?m)^id = ".*"$', f'id = "{model_id}"', text)
+    text = re.sub(r'(?m)^model = ".*"$', f'model = "{manifest.model}"', text)
+    return re.sub(r'(?m)^tokenizer = ".*"$', f'tokenizer = "{manifest.tokenizer}"', text)
+
+
+def settled_rss(client: Client) -> int:
+    time.sleep(0.5)  # an unload finishes on the loader thread
+    return client.status()["memory"]["own_rss"]
+
+
+def timed_ms(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return (time.perf_counter() - started) * 1e3
+
+
+def routing_overhead_us(catalog: Path, model_id: str, rounds: int = 20000) -> float:
+    """What the daemon adds around the batcher per request: checks, registry acquire and release."""
+    settings = load_settings(None, catalog=catalog, providers=["cpu"])
+
+    async def measure() -> float:
+        with tempfile.TemporaryDirectory() as state:
+            registry = Registry(settings, MemoryMonitor(None), StateStore(Path(state)))
+            registry.scan()
+            engine = Engine(settings, registry)
+            registry.release(await registry.acquire(model_id))  # loaded outside the timing
+            fields = {"texts": ["a routed request"], "model": model_id}
+            started = time.perf_counter()
+            for _ in range(rounds):
+                model = await registry.acquire(engine._checked_texts(fields["texts"]) and fields["model"])
+                engine._job(model.manifest, fields["texts"], fields)
+                registry.release(model, 1)
+            elapsed = time.perf_counter() - started
+            await registry.close()
+            return elapsed / rounds * 1e6
+
+    return asyncio.run(measure())
 
 
 if __name__ == "__main__":

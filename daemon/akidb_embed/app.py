@@ -14,6 +14,7 @@ import shutil
 import signal
 
 from .engine import Engine
+from .loader import use_one_malloc_arena
 from .memory import MemoryMonitor
 from .registry import Registry
 from .server import Server
@@ -30,6 +31,7 @@ def run(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
+    use_one_malloc_arena()
     loop = asyncio.get_running_loop()
     monitor = MemoryMonitor(_tegrastats(settings), settings.memory.tegrastats_interval_ms)
     monitor.start()

@@ -59,9 +59,12 @@ class Engine:
             entry.model.keep_alive = fields["keep_alive"]
         return {"model": self.registry.describe_entry(entry)}, None
 
-    def unload(self, fields: dict[str, Any]) -> Outcome:
+    async def unload(self, fields: dict[str, Any]) -> Outcome:
+        """Unload a model; replies once its memory is released (or, in use, once it is retired)."""
         entry = self.registry.entry(fields["model"])
-        self.registry.unload(entry)
+        closing = self.registry.unload(entry)
+        if closing is not None:
+            await closing
         return {"model": self.registry.describe_entry(entry)}, None
 
     async def pin(self, fields: dict[str, Any]) -> Outcome:

@@ -13,6 +13,7 @@ import ctypes.util
 import gc
 import logging
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from .backend import BackendError, OnnxBackend
@@ -23,6 +24,7 @@ from .settings import Settings
 from .tokenize import TextEncoder
 
 log = logging.getLogger(__name__)
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
 @dataclass
@@ -59,12 +61,18 @@ class LoadedModel:
 
 
 def load_model(
-    manifest: Manifest, settings: Settings, loop: asyncio.AbstractEventLoop, keep_alive: float, measure: bool
+    manifest: Manifest,
+    settings: Settings,
+    loop: asyncio.AbstractEventLoop,
+    keep_alive: float,
+    measured: Container[str],
 ) -> LoadedModel:
-    """Build and check a model (loader thread); ``measure`` runs the larger warm-up batch."""
+    """Build and check a model (loader thread); one whose fingerprint is not ``measured`` yet
+    gets the larger warm-up batch that measures its footprint."""
     started = time.perf_counter()
     rss_before = process_rss()
     digest = _fingerprint(manifest)
+    measure = digest not in measured
     encoder = _text_encoder(manifest)
     backend = OnnxBackend(
         manifest.model,
@@ -88,6 +96,17 @@ def release_memory() -> None:
     gc.collect()
     if _libc is not None:
         _libc.malloc_trim(0)
+
+
+def use_one_malloc_arena() -> None:
+    """Keep glibc to one heap arena (call before threads start).
+
+    Every model brings threads of its own; with an arena per thread, memory freed by an unload
+    stays scattered over arenas and RSS creeps up over load/unload cycles (measured: +14 %
+    after 25 cycles with the default, flat with one arena).
+    """
+    if _libc is not None:
+        _libc.mallopt(M_ARENA_MAX, 1)
 
 
 def _load_libc() -> ctypes.CDLL | None:

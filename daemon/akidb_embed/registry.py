@@ -154,10 +154,10 @@ class Registry:
             self._start_load(entry)
         await asyncio.shield(entry.loading)
 
-    def unload(self, entry: Entry, reason: str = "on request") -> None:
-        """Unload now; requests in flight finish on it first."""
+    def unload(self, entry: Entry, reason: str = "on request") -> asyncio.Future | None:
+        """Unload now; requests in flight finish on it first. The future, if any, is the close under way."""
         log.info("model %s: unloading (%s)", entry.id, reason)
-        self._unload(entry)
+        return self._unload(entry)
 
     def pin(self, entry: Entry, pinned: bool) -> None:
         entry.pinned = pinned
@@ -236,8 +236,8 @@ class Registry:
         try:
             self._make_room(entry, manifest)
             keep_alive = _keep_alive(manifest, self.settings)
-            measure = record.footprint == 0  # the first load runs the large warm-up to measure it
-            model = await loop.run_in_executor(self._loader, load_model, manifest, self.settings, loop, keep_alive, measure)
+            measured = {r.fingerprint: r.footprint for r in self.store.state.models.values() if r.footprint}
+            model = await loop.run_in_executor(self._loader, load_model, manifest, self.settings, loop, keep_alive, measured)
         except InsufficientMemory:
             raise
         except Exception as exc:
@@ -254,8 +254,9 @@ class Registry:
         if old is not None:
             log.info("model %s: swapped to fingerprint %s", entry.id, model.fingerprint)
             self._retire(old)
-        same_version = record.fingerprint == model.fingerprint
-        record.footprint = max(record.footprint, model.footprint) if same_version else model.footprint
+        # Footprints belong to the model's content: another id for the same files shares one.
+        remembered = record.footprint if record.fingerprint == model.fingerprint else measured.get(model.fingerprint, 0)
+        record.footprint = max(remembered, model.footprint)
         record.fingerprint, record.load_ms = model.fingerprint, model.load_seconds * 1e3
         self._save()
 
@@ -302,18 +303,19 @@ class Registry:
         else:
             entry.error = message
 
-    def _unload(self, entry: Entry) -> None:
+    def _unload(self, entry: Entry) -> asyncio.Future | None:
         model, entry.model = entry.model, None
-        if model is not None:
-            self._retire(model)
-            self._save()
+        if model is None:
+            return None
+        closing = self._retire(model)
+        self._save()
+        return closing
 
-    def _retire(self, model: LoadedModel) -> None:
+    def _retire(self, model: LoadedModel) -> asyncio.Future | None:
         model.retired = True
-        if model.in_flight == 0:
-            self._close(model)
+        return self._close(model) if model.in_flight == 0 else None
 
-    def _close(self, model: LoadedModel) -> None:
+    def _close(self, model: LoadedModel) -> asyncio.Future:
         """Close on the loader thread (after loads queued before it), remembering what it released."""
         future = asyncio.get_running_loop().run_in_executor(self._loader, model.close)
         record = self.store.record(model.manifest.id)
@@ -323,6 +325,7 @@ class Registry:
                 record.footprint = max(record.footprint, done.result())  # includes the arena it grew to
 
         future.add_done_callback(remember)
+        return future
 
     def _save(self) -> None:
         loaded = sorted((e.model for e in self.entries.values() if e.model), key=lambda m: -m.last_used)
