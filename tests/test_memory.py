@@ -20,11 +20,11 @@ from akidb_embed.memory import (
     CgroupMemory,
     MemoryMonitor,
     MemorySample,
-    parse_tegrastats,
     process_rss,
     read_cgroup_limit,
     read_meminfo,
 )
+from akidb_embed.tegrastats import parse_tegrastats
 
 HERE = Path(__file__).parent
 FIXTURES = HERE / "fixtures" / "tegrastats"

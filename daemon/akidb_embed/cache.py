@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 from akidb_embed_client.errors import InsufficientMemory
 
+from .manifest import Manifest
+
 MIB = 1 << 20
+# Before a model's first load: resident memory per byte of ONNX file (weights, ORT's
+# optimized copies, activations), the converter's rule too.
+FILE_SIZE_FACTOR = 2.5
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,18 @@ class Budget:
     model_memory: int  # bytes for all models together; 0: no cap
     max_models: int  # 0: no cap
     headroom: int  # bytes the system can still give (available minus the reserve)
+
+
+def estimate(remembered: int, manifest: Manifest) -> tuple[int, str]:
+    """Bytes a load of ``manifest`` will take, and where the figure comes from."""
+    if remembered:
+        return remembered, "measured"
+    if manifest.memory_mb:
+        return manifest.memory_mb * MIB, "manifest"
+    try:
+        return int(manifest.model.stat().st_size * FILE_SIZE_FACTOR), "file size"
+    except OSError:
+        return 0, "unknown"
 
 
 def evictions_to_fit(model_id: str, need: int, residents: Iterable[Resident], budget: Budget) -> list[str]:

@@ -19,7 +19,8 @@ from akidb_embed_client.protocol import is_utf8
 from . import __version__
 from .batcher import Embedded, Job
 from .manifest import Manifest
-from .registry import Registry
+from .memory import MIB
+from .registry import Entry, Registry, default_keep_alive
 from .settings import Settings
 
 Outcome = tuple[dict[str, Any], "np.ndarray | None"]
@@ -57,7 +58,7 @@ class Engine:
         await self.registry.load(entry)
         if fields.get("keep_alive") is not None and entry.model is not None:
             entry.model.keep_alive = fields["keep_alive"]
-        return {"model": self.registry.describe_entry(entry)}, None
+        return {"model": self.describe(entry)}, None
 
     async def unload(self, fields: dict[str, Any]) -> Outcome:
         """Unload a model; replies once its memory is released (or, in use, once it is retired)."""
@@ -65,27 +66,27 @@ class Engine:
         closing = self.registry.unload(entry)
         if closing is not None:
             await closing
-        return {"model": self.registry.describe_entry(entry)}, None
+        return {"model": self.describe(entry)}, None
 
     async def pin(self, fields: dict[str, Any]) -> Outcome:
         """Keep a model loaded: never evicted, reloaded at start."""
         entry = self.registry.entry(fields["model"])
         self.registry.pin(entry, True)
         await self.registry.load(entry)
-        return {"model": self.registry.describe_entry(entry)}, None
+        return {"model": self.describe(entry)}, None
 
     def unpin(self, fields: dict[str, Any]) -> Outcome:
         entry = self.registry.entry(fields["model"])
         self.registry.pin(entry, False)
-        return {"model": self.registry.describe_entry(entry)}, None
+        return {"model": self.describe(entry)}, None
 
     def models(self, fields: dict[str, Any]) -> Outcome:
         """The catalog: every manifest with its state."""
-        return {"models": self.registry.describe(), "default": self.registry.default_id()}, None
+        return {"models": [self.describe(entry) for entry in self.registry.entries.values()], "default": self.registry.default_id()}, None
 
     def status(self, fields: dict[str, Any]) -> Outcome:
         """Daemon-wide figures: uptime, models by state, queues, memory and the budget."""
-        described = self.registry.describe()
+        described = [self.describe(entry) for entry in self.registry.entries.values()]
         states: dict[str, int] = {}
         for info in described:
             states[info["state"]] = states.get(info["state"], 0) + 1
@@ -115,6 +116,28 @@ class Engine:
 
     def ping(self, fields: dict[str, Any]) -> Outcome:
         return {"pong": True, "version": __version__}, None
+
+    def describe(self, entry: Entry) -> dict[str, Any]:
+        """One catalog entry as the ``models`` reply lists it."""
+        serving = entry.model.manifest if entry.model else entry.manifest
+        info = serving.describe() if serving else {"id": entry.id}
+        estimate, source = self.registry.estimate(entry.id, serving) if serving else (0, "unknown")
+        info.update(
+            state=entry.state, error=entry.error, update_error=entry.update_error, path=str(entry.path),
+            pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
+            keep_alive=default_keep_alive(serving, self.settings) if serving else None,
+            last_used=self.registry.store.recorded(entry.id).last_used or None,
+        )  # fmt: skip
+        model = entry.model
+        if model is not None:
+            info.update(
+                fingerprint=model.fingerprint, provider=model.backend.providers[0], loaded_at=model.loaded_at,
+                last_used=model.last_used, in_flight=model.in_flight, requests=model.requests, served=model.served,
+                load_ms=round(model.load_seconds * 1e3, 1), queued_texts=model.batcher.queued_texts,
+                batches=model.batcher.batches_run, keep_alive=model.keep_alive,
+                memory_mb=round(self.registry.footprint(entry) / MIB, 1), memory_source="measured",
+            )  # fmt: skip
+        return info
 
     def _checked_texts(self, texts: list[Any]) -> list[str]:
         limit = self.settings.limits.max_texts

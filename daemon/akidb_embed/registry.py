@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from akidb_embed_client.errors import EmbedError, InsufficientMemory, ModelUnavailable, UnknownModel
 
@@ -30,9 +29,6 @@ from .settings import Settings
 from .state import StateStore
 
 log = logging.getLogger(__name__)
-# Before a model's first load: resident memory per byte of ONNX file (weights, ORT's
-# optimized copies, activations), the converter's rule too.
-FILE_SIZE_FACTOR = 2.5
 
 
 @dataclass
@@ -86,7 +82,7 @@ class Registry:
             else:
                 self._update(entry, new)
         for model_id, entry in found.items():
-            entry.pinned = (entry.manifest is not None and entry.manifest.pinned) or self.store.record(model_id).pinned
+            entry.pinned = (entry.manifest is not None and entry.manifest.pinned) or self.store.recorded(model_id).pinned
             self.entries[model_id] = entry
             if entry.error:
                 log.error("model %s: %s", model_id, entry.error)
@@ -208,10 +204,6 @@ class Registry:
             except EmbedError as exc:
                 log.warning("model %s: not reloaded at start: %s", model_id, exc.message)
 
-    def describe(self) -> list[dict[str, Any]]:
-        """Every entry with its state and, when loaded, its counters (for ``models``)."""
-        return [self.describe_entry(entry) for entry in self.entries.values()]
-
     async def close(self) -> None:
         """Unload every model and stop the loader thread."""
         self._save()  # the warm set as it is now, before it empties
@@ -235,7 +227,7 @@ class Registry:
         record = self.store.record(entry.id)
         try:
             self._make_room(entry, manifest)
-            keep_alive = _keep_alive(manifest, self.settings)
+            keep_alive = default_keep_alive(manifest, self.settings)
             measured = {r.fingerprint: r.footprint for r in self.store.state.models.values() if r.footprint}
             model = await loop.run_in_executor(self._loader, load_model, manifest, self.settings, loop, keep_alive, measured)
         except InsufficientMemory:
@@ -266,7 +258,7 @@ class Registry:
         sample = self.monitor.sample()
         budget = cache.Budget(memory.model_memory_mb * MIB, memory.max_loaded_models, sample.available - memory.reserve_mb * MIB)
         residents = [r for r in self._residents() if r.id != entry.id or entry.model is not None]
-        need = self._estimate(entry.id, manifest)[0]
+        need = self.estimate(entry.id, manifest)[0]
         for model_id in cache.evictions_to_fit(entry.id, need, residents, budget):
             self.evictions += 1
             self.unload(self.entries[model_id], f"least recently used, to make room for {entry.id}")
@@ -276,25 +268,18 @@ class Registry:
         for e in self.entries.values():
             if e.model is not None:
                 idle = e.model.in_flight == 0 and not e.pinned and e.loading is None
-                residents.append(cache.Resident(e.id, self._footprint(e), e.model.last_used, idle))
+                residents.append(cache.Resident(e.id, self.footprint(e), e.model.last_used, idle))
             elif e.loading is not None and e.manifest is not None:  # a load under way holds its reservation
-                residents.append(cache.Resident(e.id, self._estimate(e.id, e.manifest)[0], time.time(), False))
+                residents.append(cache.Resident(e.id, self.estimate(e.id, e.manifest)[0], time.time(), False))
         return residents
 
-    def _footprint(self, entry: Entry) -> int:
-        return max(entry.model.footprint, self.store.record(entry.id).footprint)
-
-    def _estimate(self, model_id: str, manifest: Manifest) -> tuple[int, str]:
+    def estimate(self, model_id: str, manifest: Manifest) -> tuple[int, str]:
         """Bytes a load will take and where the figure comes from."""
-        record = self.store.record(model_id)
-        if record.footprint:
-            return record.footprint, "measured"
-        if manifest.memory_mb:
-            return manifest.memory_mb * MIB, "manifest"
-        try:
-            return int(manifest.model.stat().st_size * FILE_SIZE_FACTOR), "file size"
-        except OSError:
-            return 0, "unknown"
+        return cache.estimate(self.store.recorded(model_id).footprint, manifest)
+
+    def footprint(self, entry: Entry) -> int:
+        """Bytes a loaded model holds: measured at load, or released by an earlier unload if more."""
+        return max(entry.model.footprint, self.store.recorded(entry.id).footprint)
 
     def _fail(self, entry: Entry, message: str) -> None:
         log.error("model %s: load failed: %s", entry.id, message)
@@ -333,27 +318,6 @@ class Registry:
             self.store.record(model.manifest.id).last_used = model.last_used
         self.store.save([m.manifest.id for m in loaded])
 
-    def describe_entry(self, entry: Entry) -> dict[str, Any]:
-        serving = entry.model.manifest if entry.model else entry.manifest
-        info = serving.describe() if serving else {"id": entry.id}
-        estimate, source = self._estimate(entry.id, serving) if serving else (0, "unknown")
-        info.update(
-            state=entry.state, error=entry.error, update_error=entry.update_error, path=str(entry.path),
-            pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
-            keep_alive=_keep_alive(serving, self.settings) if serving else None,
-            last_used=self.store.record(entry.id).last_used or None,
-        )  # fmt: skip
-        model = entry.model
-        if model is not None:
-            info.update(
-                fingerprint=model.fingerprint, provider=model.backend.providers[0], loaded_at=model.loaded_at,
-                last_used=model.last_used, in_flight=model.in_flight, requests=model.requests, served=model.served,
-                load_ms=round(model.load_seconds * 1e3, 1), queued_texts=model.batcher.queued_texts,
-                batches=model.batcher.batches_run, keep_alive=model.keep_alive,
-                memory_mb=round(self._footprint(entry) / MIB, 1), memory_source="measured",
-            )  # fmt: skip
-        return info
-
     def _summary(self) -> str:
         states = [e.state for e in self.entries.values()]
         return ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) or "no manifests"
@@ -366,7 +330,8 @@ def _finish_load(entry: Entry, task: asyncio.Task) -> None:
         task.exception()  # retrieved here: a background swap may have no one awaiting it
 
 
-def _keep_alive(manifest: Manifest, settings: Settings) -> float:
+def default_keep_alive(manifest: Manifest, settings: Settings) -> float:
+    """A model's keep_alive: its manifest's, else the daemon's default."""
     return manifest.keep_alive if manifest.keep_alive is not None else settings.memory.keep_alive
 
 

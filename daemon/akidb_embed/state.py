@@ -41,7 +41,12 @@ class StateStore:
         self._warned = False
 
     def record(self, model_id: str) -> ModelRecord:
+        """The model's record, to update (created if there is none)."""
         return self.state.models.setdefault(model_id, ModelRecord())
+
+    def recorded(self, model_id: str) -> ModelRecord:
+        """The model's record, to read (an empty one, not stored, if there is none)."""
+        return self.state.models.get(model_id) or ModelRecord()
 
     def save(self, warm: list[str]) -> None:
         """Write the state with ``warm`` as the loaded models, most recently used first."""
