@@ -14,16 +14,9 @@ import pytest
 import tinymodels
 import zmq
 from akidb_embed_client import Client, errors
-from daemon_process import Daemon
+from daemon_process import Daemon, wait_for
 
 FIELDS = {**tinymodels.BGE_FIELDS}
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def models(daemon: Daemon) -> dict[str, dict]:

@@ -14,14 +14,7 @@ import pytest
 import tinymodels
 import zmq
 from akidb_embed_client import errors
-from daemon_process import Daemon, run_daemon
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
+from daemon_process import Daemon, run_daemon, wait_for
 
 
 def test_socket_is_group_accessible_only(daemon: Daemon) -> None:

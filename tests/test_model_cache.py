@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
 import msgpack
@@ -15,17 +14,10 @@ import tinymodels
 import zmq
 from akidb_embed.manifest import fingerprint, load_manifest
 from akidb_embed_client import errors
-from daemon_process import Daemon, run_daemon
+from daemon_process import Daemon, run_daemon, wait_for
 
 BIN = Path(__file__).parent / "bin"
 MB = 1 << 20
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def states(daemon: Daemon) -> dict[str, str]:
