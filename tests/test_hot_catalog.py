@@ -185,3 +185,9 @@ def test_a_rescan_reaches_the_watchers_state(daemon: Daemon, tiny_models: dict[s
     daemon.signal(signal.SIGHUP)
     time.sleep(0.3)
     assert {k: (v["state"], v.get("fingerprint")) for k, v in models(daemon).items()} == before
+
+
+def test_a_pinned_manifest_dropped_in_loads_by_itself(daemon: Daemon, tiny_models: dict[str, Path]) -> None:
+    place(daemon.catalog, "always", tiny_models["encoder"], pinned=True)
+    wait_for(lambda: models(daemon).get("always", {}).get("state") == "ready")
+    assert models(daemon)["always"]["pinned"] is True

@@ -86,6 +86,8 @@ class Registry:
             self.entries[model_id] = entry
             if entry.error:
                 log.error("model %s: %s", model_id, entry.error)
+            elif entry.pinned and entry.manifest.enabled:
+                self._start_load(entry)  # pinned: loaded as soon as it is known (at start, after readiness)
         log.info("catalog %s: %s; default model %s", self.settings.catalog, self._summary(), self.default_id())
 
     def _update(self, entry: Entry, new: Entry) -> None:
@@ -230,7 +232,8 @@ class Registry:
             keep_alive = default_keep_alive(manifest, self.settings)
             measured = {r.fingerprint: r.footprint for r in self.store.state.models.values() if r.footprint}
             model = await loop.run_in_executor(self._loader, load_model, manifest, self.settings, loop, keep_alive, measured)
-        except InsufficientMemory:
+        except InsufficientMemory as exc:
+            log.warning("model %s: not loaded: %s", entry.id, exc.message)
             raise
         except Exception as exc:
             if entry.manifest is not manifest:
