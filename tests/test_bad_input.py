@@ -70,6 +70,11 @@ RAW_CASES = {
         "texts[1] is not valid UTF-8",
     ),
     "unknown model": (embed_frame(texts=["a"], model="nope"), "unknown_model", "'nope'"),
+    "prompt not utf-8": (
+        msgpack.packb({"v": 1, "id": "r1", "op": "embed", "texts": ["ok"], "prompt": b"\xff"}, use_bin_type=False),
+        "bad_request",
+        "prompt is not valid UTF-8",
+    ),
     "dimensions not allowed": (embed_frame(texts=["a"], dimensions=7), "bad_request", "cannot give 7"),
     "too long, no truncation": (
         embed_frame(texts=["short", "word " * 600], truncate=False),

@@ -191,3 +191,15 @@ def test_a_pinned_manifest_dropped_in_loads_by_itself(daemon: Daemon, tiny_model
     place(daemon.catalog, "always", tiny_models["encoder"], pinned=True)
     wait_for(lambda: models(daemon).get("always", {}).get("state") == "ready")
     assert models(daemon)["always"]["pinned"] is True
+
+
+def test_disabling_a_loaded_model_unloads_it(daemon: Daemon, tiny_models: dict[str, Path]) -> None:
+    place(daemon.catalog, "switch", tiny_models["encoder"])
+    with daemon.client() as client:
+        wait_for(lambda: "switch" in models(daemon))
+        client.load("switch")
+        place(daemon.catalog, "switch", tiny_models["encoder"], enabled=False)
+        wait_for(lambda: models(daemon)["switch"]["state"] == "disabled")
+        assert "fingerprint" not in models(daemon)["switch"]
+        with pytest.raises(errors.ModelUnavailable, match="disabled"):
+            client.embed("x", model="switch")

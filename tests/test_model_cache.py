@@ -190,3 +190,14 @@ def test_warm_and_pinned_models_come_back_after_a_restart(tmp_path: Path, catalo
         assert models["e5-tiny"]["memory_mb"] >= measured["e5-tiny"] * 0.5
         log = daemon.log()
         assert log.index("ready (pid") < log.index("model qwen3-tiny: loaded in") < log.index("model e5-tiny: loaded in")
+
+
+def test_loading_a_loaded_model_and_bad_requests_cause_no_load(catalog: Path) -> None:
+    with run_daemon(catalog) as daemon, daemon.client() as client:
+        client.load("e5-tiny")
+        client.load("e5-tiny")
+        client.pin("e5-tiny")
+        assert daemon.log().count("model e5-tiny: loaded in") == 1
+        with pytest.raises(errors.BadRequest):
+            client.embed("x", model="qwen3-tiny", dimensions=7)
+        assert states(daemon)["qwen3-tiny"] == "available"

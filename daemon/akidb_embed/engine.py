@@ -37,7 +37,9 @@ class Engine:
     async def embed(self, fields: dict[str, Any]) -> Outcome:
         """The embed reply header and the vectors for one request."""
         texts = self._checked_texts(fields["texts"])
-        model = await self.registry.acquire(fields.get("model"), fields.get("keep_alive"))
+        entry = self.registry.entry(fields.get("model"))
+        self._job(entry.manifest, texts, fields)  # a bad request fails before it can cause a load
+        model = await self.registry.acquire(entry.id, fields.get("keep_alive"))
         try:
             job = self._job(model.manifest, texts, fields)
             model.batcher.submit(job)
@@ -107,7 +109,7 @@ class Engine:
                 "model_memory_mb": memory.model_memory_mb,
                 "max_loaded_models": memory.max_loaded_models,
                 "loaded_models": len(loaded),
-                "loaded_memory_mb": round(sum(info["memory_mb"] for info in loaded), 1),
+                "loaded_memory_mb": round(float(sum(info["memory_mb"] for info in loaded)), 1),
                 "high_watermark": memory.high_watermark,
                 "low_watermark": memory.low_watermark,
             },
@@ -160,6 +162,8 @@ class Engine:
         prompt = fields.get("prompt")
         if prompt is not None and not prompt:
             raise BadRequest("prompt is empty; leave it out or name a prompt")
+        if prompt is not None and not is_utf8(prompt):
+            raise BadRequest("prompt is not valid UTF-8; send UTF-8 text")
         prefix = manifest.resolve_prompt(prompt)
         timeout_ms = fields.get("timeout_ms")
         if timeout_ms is not None and timeout_ms <= 0:

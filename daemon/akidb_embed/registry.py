@@ -23,7 +23,7 @@ from akidb_embed_client.errors import EmbedError, InsufficientMemory, ModelUnava
 
 from . import cache
 from .loader import LoadedModel, load_model
-from .manifest import Manifest, ManifestError, load_manifest
+from .manifest import Manifest, ManifestError, external_data, load_manifest
 from .memory import MIB, MemoryMonitor
 from .settings import Settings
 from .state import StateStore
@@ -98,14 +98,19 @@ class Registry:
                 entry.update_error = new.error
                 log.error("model %s: new manifest ignored, the previous version stays: %s", entry.id, new.error)
             return
-        entry.update_error = None
         if (new.manifest, new.files) == (entry.manifest, entry.files):
+            if entry.model is None or entry.model.manifest == entry.manifest:
+                entry.update_error = None  # a half-written file was completed as it was
             if entry.model is None and entry.loading is None:
                 entry.error = None  # a rescan retries a failed load
             return
         log.info("model %s: new version (manifest or model files changed)", entry.id)
-        entry.manifest, entry.files, entry.path, entry.error = new.manifest, new.files, new.path, None
-        if entry.model is not None and entry.loading is None:
+        entry.manifest, entry.files, entry.path = new.manifest, new.files, new.path
+        entry.error = entry.update_error = None
+        entry.pinned = new.manifest.pinned or self.store.recorded(entry.id).pinned
+        if not new.manifest.enabled:
+            self.unload(entry, "disabled in its manifest")
+        elif entry.model is not None and entry.loading is None:
             self._start_load(entry)  # hot swap: the old version serves until the new one is ready
 
     def default_id(self) -> str | None:
@@ -148,6 +153,8 @@ class Registry:
         """Load the entry's newest version unless it is loaded; every caller shares one load."""
         if entry.error:
             raise ModelUnavailable(f"model {entry.id!r} failed to load: {entry.error}")
+        if entry.loading is None and entry.model is not None:
+            return
         if entry.loading is None:
             self._start_load(entry)
         await asyncio.shield(entry.loading)
@@ -234,6 +241,8 @@ class Registry:
             model = await loop.run_in_executor(self._loader, load_model, manifest, self.settings, loop, keep_alive, measured)
         except InsufficientMemory as exc:
             log.warning("model %s: not loaded: %s", entry.id, exc.message)
+            if entry.model is not None:
+                entry.update_error = exc.message  # a swap that found no room: the old version serves
             raise
         except Exception as exc:
             if entry.manifest is not manifest:
@@ -347,8 +356,9 @@ def _read_entry(path: Path) -> Entry:
 
 
 def _file_stats(manifest: Manifest) -> tuple:
+    """Size, mtime and inode of every file the model is made of: a replaced file is a new version."""
     stats = []
-    for path in (manifest.model, manifest.tokenizer):
+    for path in (manifest.model, *external_data(manifest), manifest.tokenizer):
         try:
             st = path.stat()
             stats.append((st.st_size, st.st_mtime_ns, st.st_ino))
