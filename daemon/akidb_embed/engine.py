@@ -126,6 +126,7 @@ class Engine:
         estimate, source = self.registry.estimate(entry.id, serving) if serving else (0, "unknown")
         info.update(
             state=entry.state, error=entry.error, update_error=entry.update_error, path=str(entry.path),
+            default=entry.id == self.registry.default_id(),
             pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
             keep_alive=default_keep_alive(serving, self.settings) if serving else None,
             last_used=self.registry.store.recorded(entry.id).last_used or None,
