@@ -2,7 +2,7 @@
 
 Signal handlers only set flags or schedule work on the loop: SIGTERM/SIGINT stop it (a second
 one exits at once), SIGHUP rescans the catalog. Readiness comes first; previously warm and
-pinned models reload in the background afterwards.
+pinned models reload in the background afterwards. systemd hears about each step (``systemd``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import signal
+import time
+from collections.abc import Callable
 
 from .engine import Engine
 from .loader import use_one_malloc_arena
@@ -20,9 +22,13 @@ from .registry import Registry
 from .server import Server
 from .settings import Settings
 from .state import StateStore
+from .systemd import Notifier, status_line
 from .watcher import CatalogWatcher, model_directories
 
 log = logging.getLogger(__name__)
+# Test-only: with this set to 1, SIGUSR2 hangs the serving loop so that tests can watch the
+# systemd watchdog pings stop. Never set it in production; without it SIGUSR2 keeps its default.
+TEST_HANG_ENV = "AKIDB_EMBED_TEST_HANG_SIGNAL"
 
 
 def run(settings: Settings) -> int:
@@ -33,31 +39,58 @@ def run(settings: Settings) -> int:
 async def _serve(settings: Settings) -> int:
     use_one_malloc_arena()
     loop = asyncio.get_running_loop()
+    notifier = Notifier()
     monitor = MemoryMonitor(_tegrastats(settings), settings.memory.tegrastats_interval_ms)
     monitor.start()
     registry = Registry(settings, monitor, StateStore(settings.state_dir))
+    engine = Engine(settings, registry)
+
+    phase = "serving"  # "stopping" once the drain begins
+
+    def describe() -> str:
+        return status_line(engine.status({})[0], phase)
+
+    def report() -> None:
+        """Tell systemd what is loaded, the memory and the requests in flight (if that changed)."""
+        notifier.status(describe())
+
+    def rescan() -> None:
+        registry.scan()
+        report()
+
     watcher = CatalogWatcher(
         settings.catalog,
-        registry.scan,
+        rescan,
         loop,
         extra_directories=lambda: model_directories(e.manifest for e in registry.entries.values() if e.manifest),
     )
     watcher.start()  # before the first scan: nothing written in between is missed
     registry.scan()
     watcher.sync()  # the model directories are known once the manifests are
-    server = Server(settings, Engine(settings, registry))
+    server = Server(settings, engine)
     server.bind()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_stop_signal, stop)
-    loop.add_signal_handler(signal.SIGHUP, _rescan, registry, watcher)
+    loop.add_signal_handler(signal.SIGHUP, _reload, registry, watcher, notifier, describe)
+    if os.environ.get(TEST_HANG_ENV) == "1":
+        loop.add_signal_handler(signal.SIGUSR2, _hang_for_tests)
     background = [
         asyncio.ensure_future(server.serve()),
-        asyncio.ensure_future(_maintain(registry, settings.memory.check_seconds)),
+        asyncio.ensure_future(_maintain(registry, settings.memory.check_seconds, report)),
+        asyncio.ensure_future(notifier.keep_watchdog_fed()),
     ]
+    # Bound and scanned: requests are answered from here on (ZeroMQ queues them until serve() reads).
+    notifier.ready(describe())
     log.info("ready (pid %d, default model %s, memory from %s)", os.getpid(), registry.default_id(), monitor.source)
-    background.append(asyncio.ensure_future(registry.warm_start()))
+    warm = asyncio.ensure_future(registry.warm_start())
+    warm.add_done_callback(lambda _: report())
+    background.append(warm)
+    await asyncio.sleep(0)  # warm_start marks its first load "loading" before the status says so
+    report()
     await stop.wait()
+    phase = "stopping"
+    notifier.stopping(describe())
     log.info("stopping: finishing requests in flight (up to %.0f s)", settings.drain_seconds)
     await server.drain(settings.drain_seconds)
     for task in background:
@@ -70,12 +103,13 @@ async def _serve(settings: Settings) -> int:
     return 0
 
 
-async def _maintain(registry: Registry, every: float) -> None:
-    """keep_alive expiry and memory-pressure eviction, every few seconds."""
+async def _maintain(registry: Registry, every: float, report: Callable[[], None]) -> None:
+    """keep_alive expiry and memory-pressure eviction, every few seconds; then the status line."""
     while True:
         await asyncio.sleep(every)
         try:
             await registry.maintain()
+            report()  # also catches loads and unloads that requests started
         except Exception:  # housekeeping must outlive one bad round
             log.exception("memory housekeeping failed")
 
@@ -88,9 +122,21 @@ def _tegrastats(settings: Settings) -> str | None:
     return shutil.which("tegrastats") if choice == "auto" else choice
 
 
-def _rescan(registry: Registry, watcher: CatalogWatcher) -> None:
-    registry.scan()
-    watcher.sync()
+def _reload(registry: Registry, watcher: CatalogWatcher, notifier: Notifier, describe: Callable[[], str]) -> None:
+    """SIGHUP: rescan the catalog, bracketed by RELOADING=1 and READY=1 for systemd."""
+    notifier.reloading()
+    try:
+        registry.scan()
+        watcher.sync()
+    finally:
+        notifier.ready(describe())
+
+
+def _hang_for_tests() -> None:
+    """Test-only (see TEST_HANG_ENV): block the loop for good, as a deadlock would."""
+    log.warning("SIGUSR2 with %s=1: hanging the event loop (test-only)", TEST_HANG_ENV)
+    while True:
+        time.sleep(3600)
 
 
 def _on_stop_signal(stop: asyncio.Event) -> None:
