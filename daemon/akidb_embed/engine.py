@@ -38,7 +38,8 @@ class Engine:
         """The embed reply header and the vectors for one request."""
         texts = self._checked_texts(fields["texts"])
         entry = self.registry.entry(fields.get("model"))
-        self._job(entry.manifest, texts, fields)  # a bad request fails before it can cause a load
+        if entry.model is None:
+            self._job(entry.manifest, texts, fields)  # a bad request fails before it can cause a load
         model = await self.registry.acquire(entry.id, fields.get("keep_alive"))
         try:
             job = self._job(model.manifest, texts, fields)
