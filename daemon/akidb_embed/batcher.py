@@ -110,13 +110,12 @@ class Batcher:
             self._queued_texts += len(job.texts)
             self._wakeup.notify()
 
-    def close(self, wait: bool = True) -> None:
+    def close(self) -> None:
         """Stop taking jobs; the thread finishes what is queued, then exits."""
         with self._wakeup:
             self._closed = True
             self._wakeup.notify()
-        if wait:
-            self._thread.join()
+        self._thread.join()
 
     def _work(self) -> None:
         while (jobs := self._take()) is not None:
