@@ -11,10 +11,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnxruntime as ort
 
 from .tokenize import Padded
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,8 @@ def create_session(
     model: Path, chain: list[tuple[str, dict[str, str]]], options: ort.SessionOptions
 ) -> ort.InferenceSession:
     """A session on the first provider of the chain that works, logging each fallback."""
+    import onnxruntime as ort
+
     for start in range(len(chain)):
         tried = chain[start:]
         try:
@@ -111,6 +117,9 @@ class OnnxBackend:
     def __init__(self, model: Path, providers: Sequence[str], engine_cache: Path, intra_op_threads: int = 0) -> None:
         if not model.is_file():
             raise BackendError(f"the ONNX file {model} does not exist; fix `model` in the manifest or convert the model")
+        # Imported with the first model: an idle daemon does without its ~18 MiB.
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
