@@ -46,9 +46,14 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     setup_logging(settings.log_level)
-    from . import app  # imports onnxruntime; the client commands don't need it
+    from . import app
+    from .server import SocketInUse
 
-    return app.run(settings)
+    try:
+        return app.run(settings)
+    except SocketInUse as exc:
+        log.error("%s", exc)
+        return 1
 
 
 if __name__ == "__main__":

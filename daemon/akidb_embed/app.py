@@ -41,9 +41,11 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     notifier = Notifier()
     monitor = MemoryMonitor(_tegrastats(settings), settings.memory.tegrastats_interval_ms)
-    monitor.start()
     registry = Registry(settings, monitor, StateStore(settings.state_dir))
     engine = Engine(settings, registry)
+    server = Server(settings, engine)
+    server.bind()  # first: a socket in use stops the daemon before any thread or child starts
+    monitor.start()
 
     phase = "serving"  # "stopping" once the drain begins
 
@@ -67,8 +69,6 @@ async def _serve(settings: Settings) -> int:
     watcher.start()  # before the first scan: nothing written in between is missed
     registry.scan()
     watcher.sync()  # the model directories are known once the manifests are
-    server = Server(settings, engine)
-    server.bind()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_stop_signal, stop)

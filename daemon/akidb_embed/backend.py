@@ -112,7 +112,8 @@ def _first_line(exc: Exception) -> str:
 
 
 class OnnxBackend:
-    """One ONNX Runtime session; used by exactly one thread (the model's batcher)."""
+    """One ONNX Runtime session: the loader thread builds, warms and closes it; in between only
+    the model's batcher thread runs it."""
 
     def __init__(self, model: Path, providers: Sequence[str], engine_cache: Path, intra_op_threads: int = 0) -> None:
         if not model.is_file():

@@ -145,6 +145,8 @@ class Batcher:
         settled: list[tuple[Job, Embedded | EmbedError]] = []
         live = []
         for job in jobs:
+            if job.future.done():  # cancelled: answered already (shutdown), nothing to compute
+                continue
             if job.deadline < now:  # its client gave up (and may have resent it)
                 settled.append((job, Overloaded(f"the request waited past its timeout_ms for {self.name}; retry")))
             else:
@@ -200,12 +202,10 @@ class Batcher:
     @staticmethod
     def _finish(job: Job, vectors: np.ndarray) -> Embedded:
         """Normalization and the Matryoshka cut, which re-normalizes what it keeps."""
-        if job.normalize:
-            vectors = pooling.l2_normalize(vectors)
         if job.dimensions is not None:
             vectors = vectors[:, : job.dimensions]
-            if job.normalize:
-                vectors = pooling.l2_normalize(vectors)
+        if job.normalize:
+            vectors = pooling.l2_normalize(vectors)
         return Embedded(np.ascontiguousarray(vectors), job.tokens)
 
     def _settle(self, settled: list[tuple[Job, Embedded | EmbedError]]) -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from akidb_embed_client.errors import InsufficientMemory
 
 from .manifest import Manifest
+from .memory import MIB
 
-MIB = 1 << 20
 # Before a model's first load: resident memory per byte of ONNX file (weights, ORT's
 # optimized copies, activations), the converter's rule too.
 FILE_SIZE_FACTOR = 2.5

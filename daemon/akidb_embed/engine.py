@@ -2,7 +2,8 @@
 
 ``embed`` checks the request against the limits and the model's manifest, acquires the model
 from the registry, queues one ``Job`` on its batcher and awaits it. ``load``/``pin`` await a
-load; ``unload``, ``unpin``, ``models``, ``status`` and ``ping`` answer at once.
+load and ``unload`` the release of the memory; ``unpin``, ``models``, ``status`` and ``ping``
+answer at once.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ class Engine:
 
     async def embed(self, fields: dict[str, Any]) -> Outcome:
         """The embed reply header and the vectors for one request."""
+        arrived = time.monotonic()  # timeout_ms counts from here, a cold load included
         texts = self._checked_texts(fields["texts"])
         entry = self.registry.entry(fields.get("model"))
         if entry.model is None:
-            self._job(entry.manifest, texts, fields)  # a bad request fails before it can cause a load
+            self._job(entry.manifest, texts, fields, arrived)  # a bad request fails before it can cause a load
         model = await self.registry.acquire(entry.id, fields.get("keep_alive"))
         try:
-            job = self._job(model.manifest, texts, fields)
+            job = self._job(model.manifest, texts, fields, arrived)
             model.batcher.submit(job)
             embedded: Embedded = await job.future
         finally:
@@ -156,7 +158,7 @@ class Engine:
                 raise BadRequest(f"texts[{i}] is not valid UTF-8; send UTF-8 text")
         return texts
 
-    def _job(self, manifest: Manifest, texts: list[str], fields: dict[str, Any]) -> Job:
+    def _job(self, manifest: Manifest, texts: list[str], fields: dict[str, Any], arrived: float) -> Job:
         dimensions = fields.get("dimensions")
         allowed = sorted({*manifest.matryoshka_dimensions, manifest.dimension})
         if dimensions is not None and dimensions not in allowed:
@@ -176,5 +178,5 @@ class Engine:
             truncate=fields.get("truncate") is not False,
             normalize=manifest.normalize if fields.get("normalize") is None else fields["normalize"],
             dimensions=dimensions,
-            deadline=time.monotonic() + timeout_ms / 1e3 if timeout_ms else float("inf"),
+            deadline=arrived + timeout_ms / 1e3 if timeout_ms else float("inf"),
         )

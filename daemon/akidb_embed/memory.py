@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from .tegrastats import MIB, TegraSample, TegrastatsProbe
 
 log = logging.getLogger(__name__)
 
-TEGRASTATS = shutil.which("tegrastats")  # None off Jetson
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -120,7 +118,7 @@ class MemoryMonitor:
 
     def __init__(
         self,
-        tegrastats: str | None = TEGRASTATS,
+        tegrastats: str | None = None,
         interval_ms: int = 1000,
         meminfo: Path = Path("/proc/meminfo"),
         proc_cgroup: Path = Path("/proc/self/cgroup"),

@@ -38,7 +38,7 @@ class Entry:
     id: str
     path: Path
     manifest: Manifest | None = None  # the newest valid version
-    files: tuple = ()  # size and mtime of the files it names: a replaced file is a new version
+    files: tuple = ()  # size, mtime and inode of the files it names: a replaced file is a new version
     error: str | None = None  # why it cannot serve
     update_error: str | None = None  # why a newer version is not serving (the old one is)
     model: LoadedModel | None = None  # the version serving now
@@ -224,6 +224,7 @@ class Registry:
                 self._retire(model)
         await asyncio.get_running_loop().run_in_executor(self._loader, lambda: None)  # closes queued before
         self._loader.shutdown(wait=True)
+        self.store.save(self.store.state.warm)  # with what the unloads released
 
     def _start_load(self, entry: Entry) -> None:
         entry.loading = asyncio.ensure_future(self._load_newest(entry))
@@ -233,6 +234,8 @@ class Registry:
         """Load the entry's newest manifest, again if it changed meanwhile, then swap it in."""
         loop = asyncio.get_running_loop()
         manifest = entry.manifest
+        if not manifest.enabled:  # disabled while an earlier version was loading
+            raise ModelUnavailable(f"model {entry.id!r} is disabled (enabled = false in its manifest)")
         record = self.store.record(entry.id)
         try:
             self._make_room(entry, manifest)

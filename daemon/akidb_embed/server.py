@@ -1,8 +1,8 @@
 """The ZeroMQ ROUTER socket: receive, decode, dispatch, reply. The only thread on the socket.
 
 Requests arrive as ``[identity, b"", request]`` (REQ clients; DEALER clients send the empty
-delimiter themselves). Cheap ops are answered inline; each ``embed`` becomes a task so the
-loop never waits on tokenization or inference. This module is also the one place where
+delimiter themselves). Cheap ops are answered inline; each op that waits (embed, load, pin,
+unload) becomes a task, so the loop never waits on tokenization, inference or a load. This module is also the one place where
 exceptions become error replies: every request gets exactly one reply.
 """
 
