@@ -190,15 +190,19 @@ def _resolve(manifest_path: Path, value: str) -> Path:
     return path if path.is_absolute() else (manifest_path.parent / path).resolve()
 
 
-def external_data(manifest: Manifest) -> list[Path]:
-    """Weights of models over 2 GiB live beside the graph in external-data files (model.onnx.data, ...)."""
-    return sorted(p for p in manifest.model.parent.glob(manifest.model.name + "?*") if p.is_file())
+def model_files(manifest: Manifest) -> list[Path]:
+    """Every file the model is made of: the graph, its external data, the tokenizer.
+
+    Weights of models over 2 GiB live beside the graph in external-data files (model.onnx.data, ...).
+    """
+    external = sorted(p for p in manifest.model.parent.glob(manifest.model.name + "?*") if p.is_file())
+    return [manifest.model, *external, manifest.tokenizer]
 
 
 def fingerprint(manifest: Manifest) -> str:
     """Content hash over the ONNX file, the tokenizer and the pooling settings (hex, 16 chars)."""
     digest = hashlib.sha256()
-    for path in (manifest.model, *external_data(manifest), manifest.tokenizer):
+    for path in model_files(manifest):
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)

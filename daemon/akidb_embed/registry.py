@@ -23,7 +23,7 @@ from akidb_embed_client.errors import EmbedError, InsufficientMemory, ModelUnava
 
 from . import cache
 from .loader import LoadedModel, load_model
-from .manifest import Manifest, ManifestError, external_data, load_manifest
+from .manifest import Manifest, ManifestError, load_manifest, model_files
 from .memory import MIB, MemoryMonitor
 from .settings import Settings
 from .state import StateStore
@@ -361,7 +361,7 @@ def _read_entry(path: Path) -> Entry:
 def _file_stats(manifest: Manifest) -> tuple:
     """Size, mtime and inode of every file the model is made of: a replaced file is a new version."""
     stats = []
-    for path in (manifest.model, *external_data(manifest), manifest.tokenizer):
+    for path in model_files(manifest):
         try:
             st = path.stat()
             stats.append((st.st_size, st.st_mtime_ns, st.st_ino))
