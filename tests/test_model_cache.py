@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -152,6 +153,9 @@ def test_pressure_from_another_app_evicts_idle_models(tmp_path: Path, catalog: P
         wait_for(lambda: client.status()["evictions"] == 2)
         assert "memory pressure" in daemon.log() and "over the high watermark" in daemon.log()
         assert states(daemon)["bge-tiny"] == "available" and states(daemon)["e5-tiny"] == "available"
+        wait_for(lambda: "no idle unpinned model to evict" in daemon.log())
+        time.sleep(0.6)  # three more rounds under pressure with nothing left to evict: said once
+        assert daemon.log().count("no idle unpinned model to evict") == 1
         with pytest.raises(errors.InsufficientMemory, match="the system has 0 MiB to spare"):
             client.embed("x", model="qwen3-tiny")
         ram.write_text("2000/62841")

@@ -22,6 +22,7 @@ from .registry import Registry
 from .server import Server
 from .settings import Settings
 from .state import StateStore
+from .upkeep import Upkeep, warm_start
 from .systemd import Notifier, status_line
 from .watcher import CatalogWatcher, model_directories
 
@@ -77,13 +78,13 @@ async def _serve(settings: Settings) -> int:
         loop.add_signal_handler(signal.SIGUSR2, _hang_for_tests)
     background = [
         asyncio.ensure_future(server.serve()),
-        asyncio.ensure_future(_maintain(registry, settings.memory.check_seconds, report)),
+        asyncio.ensure_future(Upkeep(registry).run(settings.memory.check_seconds, report)),
         asyncio.ensure_future(notifier.keep_watchdog_fed()),
     ]
     # Bound and scanned: requests are answered from here on (ZeroMQ queues them until serve() reads).
     notifier.ready(describe())
     log.info("ready (pid %d, default model %s, memory from %s)", os.getpid(), registry.default_id(), monitor.source)
-    warm = asyncio.ensure_future(registry.warm_start())
+    warm = asyncio.ensure_future(warm_start(registry))
     warm.add_done_callback(lambda _: report())
     background.append(warm)
     await asyncio.sleep(0)  # warm_start marks its first load "loading" before the status says so
@@ -101,17 +102,6 @@ async def _serve(settings: Settings) -> int:
     monitor.stop()
     log.info("stopped")
     return 0
-
-
-async def _maintain(registry: Registry, every: float, report: Callable[[], None]) -> None:
-    """keep_alive expiry and memory-pressure eviction, every few seconds; then the status line."""
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await registry.maintain()
-            report()  # also catches loads and unloads that requests started
-        except Exception:  # housekeeping must outlive one bad round
-            log.exception("memory housekeeping failed")
 
 
 def _tegrastats(settings: Settings) -> str | None:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from akidb_embed_client.errors import EmbedError, InsufficientMemory, ModelUnavailable, UnknownModel
+from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, UnknownModel
 
 from . import cache
 from .loader import LoadedModel, load_model
@@ -184,35 +184,6 @@ class Registry:
             raise ModelUnavailable(f"model {model_id!r} cannot serve: {why}")
         return entry
 
-    async def maintain(self) -> None:
-        """Unload models idle past their keep_alive, and evict under memory pressure (periodic)."""
-        now = time.time()
-        for entry in list(self.entries.values()):
-            model = entry.model
-            if model and not entry.pinned and entry.loading is None and 0 <= model.keep_alive < model.idle_for(now):
-                self.unload(entry, f"idle for {model.idle_for(now):.0f} s, keep_alive {model.keep_alive:g} s")
-        sample = self.monitor.sample()
-        if sample.pressure <= self.settings.memory.high_watermark:
-            return
-        victims = cache.evictions_for_pressure(self._residents(), sample.used, sample.total, self.settings.memory.low_watermark)
-        for model_id in victims:
-            self.evictions += 1
-            self.unload(self.entries[model_id], f"memory pressure {sample.pressure:.0%} over the high watermark")
-        if not victims:
-            log.warning("memory pressure %.0f%% but no idle unpinned model to evict", sample.pressure * 100)
-
-    async def warm_start(self) -> None:
-        """Reload pinned models, then those warm before the last stop, most recent first, as memory allows."""
-        order = [e.id for e in self.entries.values() if e.pinned] + self.store.state.warm
-        for model_id in dict.fromkeys(order):
-            entry = self.entries.get(model_id)
-            if entry is None or entry.state != "available":
-                continue
-            try:
-                await self.load(entry)
-            except EmbedError as exc:
-                log.warning("model %s: not reloaded at start: %s", model_id, exc.message)
-
     async def close(self) -> None:
         """Unload every model and stop the loader thread."""
         self._save()  # the warm set as it is now, before it empties
@@ -272,13 +243,14 @@ class Registry:
         memory = self.settings.memory
         sample = self.monitor.sample()
         budget = cache.Budget(memory.model_memory_mb * MIB, memory.max_loaded_models, sample.available - memory.reserve_mb * MIB)
-        residents = [r for r in self._residents() if r.id != entry.id or entry.model is not None]
+        residents = [r for r in self.residents() if r.id != entry.id or entry.model is not None]
         need = self.estimate(entry.id, manifest)[0]
         for model_id in cache.evictions_to_fit(entry.id, need, residents, budget):
             self.evictions += 1
             self.unload(self.entries[model_id], f"least recently used, to make room for {entry.id}")
 
-    def _residents(self) -> list[cache.Resident]:
+    def residents(self) -> list[cache.Resident]:
+        """Loaded and loading models as the eviction policy sees them."""
         residents = []
         for e in self.entries.values():
             if e.model is not None:
