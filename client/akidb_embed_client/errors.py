@@ -69,7 +69,6 @@ ERROR_CLASSES: dict[str, type[EmbedError]] = {
         InternalError,
     )
 }
-ERROR_CODES = frozenset(ERROR_CLASSES)
 
 
 def error_for(code: str, message: str) -> EmbedError:

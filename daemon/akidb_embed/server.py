@@ -101,7 +101,6 @@ class Server:
             if len(body) != 1:
                 raise BadRequest(f"a request is one msgpack frame, not {len(body)}; use a REQ or DEALER socket")
             if len(body[0]) > self.settings.limits.max_request_bytes:
-                request_id = protocol.request_id_of(body[0])
                 raise BadRequest(
                     f"the request is {len(body[0])} bytes; the limit is {self.settings.limits.max_request_bytes} "
                     "(limits.max_request_bytes): split the texts across requests"
@@ -114,7 +113,7 @@ class Server:
                 return
             self._send(envelope, protocol.encode_result(request_id, *outcome))
         except EmbedError as exc:
-            if request_id is None and body:
+            if request_id is None and body:  # refused before or while decoding: find its id once
                 request_id = protocol.request_id_of(body[0])
             self._send(envelope, protocol.encode_error(request_id, exc))
         except Exception as exc:
