@@ -1,5 +1,6 @@
-"""Token-budget batching: padded size (longest x rows) within the budget, rows within max_batch,
-and no batch padded where another run would cost less than the padding."""
+"""Batch cuts: padded size (longest x rows) within the token budget, working memory within the
+model's budget (long texts get fewer rows), rows within max_batch, and no batch padded where
+another run would cost less than the padding."""
 
 from __future__ import annotations
 
@@ -7,10 +8,29 @@ import random
 
 import pytest
 from akidb_embed.batcher import cut_batches
+from akidb_embed.workmem import CostModel
 
 
 def slices(lengths: list[int], budget: int = 10_000, max_batch: int = 100, cost: int = 10_000) -> list[list[int]]:
-    return [lengths[a:b] for a, b in cut_batches(lengths, budget, max_batch, cost)]
+    def fits(rows: int, length: int) -> bool:
+        return rows <= max_batch and rows * length <= budget
+
+    return [lengths[a:b] for a, b in cut_batches(lengths, fits, cost)]
+
+
+def test_long_texts_get_fewer_rows_than_the_token_budget_alone_allows() -> None:
+    """Attention memory grows with length²: at 512 tokens only 2 rows fit where 16 of 64 tokens do."""
+    model = CostModel(token_bytes=1000, pair_bytes=100)
+    work = model.batch_bytes(2, 512)
+
+    def fits(rows: int, length: int) -> bool:
+        return model.batch_bytes(rows, length) <= work
+
+    lengths = [64] * 40 + [512] * 5
+    batches = [lengths[a:b] for a, b in cut_batches(lengths, fits, 10_000)]
+    assert [len(b) for b in batches] == [40, 2, 2, 1]  # 40 x 64 tokens fit; 3 x 512 would not
+    assert all(model.batch_bytes(len(b), max(b)) <= work for b in batches)
+    assert model.batch_bytes(40, 64) < work < model.batch_bytes(3, 512)
 
 
 def test_short_rows_share_a_batch_until_the_budget() -> None:

@@ -387,7 +387,7 @@ def test_unknown_setting(tmp_path: Path, no_env: pytest.MonkeyPatch, data: dict,
     [("max_texts", 0), ("queue_texts", -1), ("batch_tokens", True), ("max_batch", "8"), ("max_request_bytes", 1.5)],
 )
 def test_bad_limit(tmp_path: Path, no_env: pytest.MonkeyPatch, name: str, value: Any) -> None:
-    with pytest.raises(SettingsError, match=f"limits.{name} must be a positive integer"):
+    with pytest.raises(SettingsError, match=f"limits.{name} must be an integer >= 1"):
         load_settings(write_toml(tmp_path / "akidb-embed.toml", {"limits": {name: value}}))
 
 

@@ -27,11 +27,13 @@ def states(daemon: Daemon) -> dict[str, str]:
 
 
 def seed_footprints(state_dir: Path, catalog: Path, mb: int) -> None:
-    """A state file saying each model in the catalog measured ``mb`` MiB, as a previous run would leave."""
+    """A state file saying each model in the catalog measured ``mb`` MiB (weights + a 64 MiB working budget),
+    as a previous run would leave."""
     records = {}
     for path in catalog.glob("*.toml"):
         manifest = load_manifest(path)
-        records[manifest.id] = {"fingerprint": fingerprint(manifest), "footprint": mb * MB}
+        measured = {"weights": (mb - 64) * MB, "work": 64 * MB, "peak": 0, "token_bytes": 0.0, "pair_bytes": 0.0, "work_mb": 0}
+        records[manifest.id] = {"fingerprint": fingerprint(manifest), "footprint": mb * MB, "memory": measured}
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "state.json").write_text(json.dumps({"models": records, "warm": []}))
 

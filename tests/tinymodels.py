@@ -3,6 +3,8 @@
 Weights are random (fixed seed): the models are for plumbing, but every output position depends on
 the other tokens through ``attention_mask`` (and ``position_ids`` for the decoder), so pooling or
 padding mistakes change the vectors. ``reference_embed`` is the independent, unpadded yardstick.
+``build_attention_encoder`` is a real one-layer multi-head self-attention encoder: its activations grow
+with batch x heads x length^2, as a real BERT's do, for the memory tests.
 """
 
 from __future__ import annotations
@@ -202,6 +204,83 @@ def build_decoder(out_dir: Path, *, hidden: int = 48, seed: int = 0) -> None:
     tok.save(str(out_dir / TOKENIZER_FILE))
 
 
+def build_attention_encoder(
+    out_dir: Path, *, hidden: int = 64, heads: int = 8, max_positions: int = 2048, seed: int = 0
+) -> None:
+    """Write a one-layer multi-head self-attention encoder (BERT-like, right padding) and its tokenizer."""
+    if hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
+    head_dim = hidden // heads
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_encoder_tokenizer()
+    rng = np.random.default_rng(seed)
+    vocab = tok.get_vocab_size()
+
+    def square() -> np.ndarray:
+        # 1/sqrt(hidden) keeps Q.K and the output out of saturation, like _weights' proj.
+        return (rng.normal(0.0, 1.0, (hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
+
+    w = {
+        "word_emb": rng.normal(0.0, 0.5, (vocab, hidden)).astype(np.float32),
+        "pos_emb": rng.normal(0.0, 0.25, (max_positions, hidden)).astype(np.float32),
+        "wq": square(), "wk": square(), "wv": square(),
+        # proj and bias are the output projection _output_nodes applies.
+        "proj": square(),
+        "bias": rng.normal(0.0, 0.1, (hidden,)).astype(np.float32),
+    }
+    consts = {
+        "zero": np.array(0, np.int64), "one": np.array(1, np.int64),
+        "heads_dims": np.array([heads, head_dim], np.int64), "hidden_dim": np.array([hidden], np.int64),
+        "key_axes": np.array([1, 2], np.int64),
+        "scale": np.array(np.sqrt(head_dim), np.float32),
+        "one_f": np.array(1.0, np.float32), "mask_neg": np.array(1e4, np.float32),
+    }
+    inits = _tensors({**w, **consts})
+    inputs = [_int64_input("input_ids"), _int64_input("attention_mask")]
+    nodes = [
+        helper.make_node("Gather", ["word_emb", "input_ids"], ["tok"]),
+        # Positions from the sequence index, as in BERT: right padding is safe, left is not.
+        helper.make_node("Shape", ["input_ids"], ["batch_seq"]),
+        helper.make_node("Shape", ["input_ids"], ["seq_1d"], start=1, end=2),
+        helper.make_node("Squeeze", ["seq_1d"], ["seq_len"]),
+        helper.make_node("Range", ["zero", "seq_len", "one"], ["positions"]),
+        helper.make_node("Gather", ["pos_emb", "positions"], ["pos"]),
+        helper.make_node("Add", ["tok", "pos"], ["x"]),
+        # [batch, seq, heads, head_dim] from the run's own shape, so any batch and length reshape.
+        helper.make_node("Concat", ["batch_seq", "heads_dims"], ["split_shape"], axis=0),
+        helper.make_node("Concat", ["batch_seq", "hidden_dim"], ["merge_shape"], axis=0),
+    ]
+    for name in ("q", "k", "v"):
+        nodes += [
+            helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}_flat"]),
+            helper.make_node("Reshape", [f"{name}_flat", "split_shape"], [f"{name}_split"]),
+        ]
+    nodes += [
+        # Q and V as [batch, heads, seq, head_dim]; K straight to [batch, heads, head_dim, seq] for Q @ K^T.
+        helper.make_node("Transpose", ["q_split"], ["q_heads"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k_split"], ["k_heads_t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v_split"], ["v_heads"], perm=[0, 2, 1, 3]),
+        # The [batch, heads, seq, seq] scores are the point: memory grows with batch x heads x length^2.
+        helper.make_node("MatMul", ["q_heads", "k_heads_t"], ["scores_raw"]),
+        helper.make_node("Div", ["scores_raw", "scale"], ["scores"]),
+        # Mask bias 0 for real keys, -1e4 for padding keys (as HF BERT): pads get exactly zero weight.
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["mask_f", "one_f"], ["mask_off"]),
+        helper.make_node("Mul", ["mask_off", "mask_neg"], ["mask_bias2"]),
+        helper.make_node("Unsqueeze", ["mask_bias2", "key_axes"], ["mask_bias"]),
+        helper.make_node("Add", ["scores", "mask_bias"], ["scores_masked"]),
+        helper.make_node("Softmax", ["scores_masked"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v_heads"], ["context_heads"]),
+        helper.make_node("Transpose", ["context_heads"], ["context_split"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["context_split", "merge_shape"], ["context"]),
+        # The residual keeps each token's own identity next to what it attended to.
+        helper.make_node("Add", ["x", "context"], ["mixed"]),
+        *_output_nodes("mixed"),
+    ]
+    _save_model(out_dir, nodes, inputs, inits, hidden, "tiny_attention_encoder")
+    tok.save(str(out_dir / TOKENIZER_FILE))
+
+
 BGE_FIELDS: Mapping[str, Any] = MappingProxyType({
     "name": "Tiny BGE-like encoder", "family": "bge", "dimension": 32, "max_length": 512,
     "pooling": "cls", "normalize": True, "padding_side": "right",
@@ -218,6 +297,10 @@ QWEN3_FIELDS: Mapping[str, Any] = MappingProxyType({
         "query": "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:",
     }),
     "matryoshka_dimensions": (16, 32),
+})
+ATTENTION_FIELDS: Mapping[str, Any] = MappingProxyType({
+    "name": "Tiny attention encoder", "family": "bge", "dimension": 64, "max_length": 2048,
+    "pooling": "cls", "normalize": True, "padding_side": "right",
 })
 
 # TOML basic strings may not hold raw control characters, quotes or backslashes.

@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable
 
 from .engine import Engine
-from .loader import use_one_malloc_arena
-from .memory import MemoryMonitor
+from .memory import MemoryMonitor, process_rss, use_one_malloc_arena
 from .registry import Registry
 from .server import Server
 from .settings import Settings
@@ -39,6 +38,9 @@ def run(settings: Settings) -> int:
 
 async def _serve(settings: Settings) -> int:
     use_one_malloc_arena()
+    # The runtime is the daemon's, not any one model's: loaded before the idle size is taken.
+    import onnxruntime  # noqa: F401
+
     loop = asyncio.get_running_loop()
     notifier = Notifier()
     monitor = MemoryMonitor(_tegrastats(settings), settings.memory.tegrastats_interval_ms)
@@ -76,9 +78,10 @@ async def _serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, _reload, registry, watcher, notifier, describe)
     if os.environ.get(TEST_HANG_ENV) == "1":
         loop.add_signal_handler(signal.SIGUSR2, _hang_for_tests)
+    idle_rss = process_rss()  # bound, watching, scanned, no model loaded yet
     background = [
         asyncio.ensure_future(server.serve()),
-        asyncio.ensure_future(Upkeep(registry).run(settings.memory.check_seconds, report)),
+        asyncio.ensure_future(Upkeep(registry, idle_rss).run(settings.memory.check_seconds, report)),
         asyncio.ensure_future(notifier.keep_watchdog_fed()),
     ]
     # Bound and scanned: requests are answered from here on (ZeroMQ queues them until serve() reads).

@@ -3,14 +3,19 @@
 The chain comes from config or manifest (TensorRT → CUDA → CPU by default). A provider this
 onnxruntime build lacks is skipped, a session that fails on a GPU provider is retried on the
 next ones, and a provider ORT silently dropped is noticed: each fallback is logged with its reason.
+
+Memory goes back after every batch: the CPU arena is off (ONNX Runtime's arena keeps the
+largest batch it has seen forever), and on CUDA the arena grows only by what is asked, is
+capped at the model's charge and shrinks after each run. On a Jetson, GPU memory is the
+system's memory, so this is what keeps a model inside its charge there.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,8 +43,16 @@ class BackendError(RuntimeError):
 _failed_to_start: set[str] = set()
 
 
+@dataclass(frozen=True)
+class DeviceMemory:
+    """The bytes a GPU provider may use for this model: all of it, and the working part."""
+
+    limit: int  # the model's charge: weights + working budget
+    work: int
+
+
 def provider_chain(
-    requested: Sequence[str], available: Sequence[str], engine_cache: Path
+    requested: Sequence[str], available: Sequence[str], engine_cache: Path, memory: DeviceMemory
 ) -> list[tuple[str, dict[str, str]]]:
     """ORT providers with their options for the requested chain; CPU always ends it."""
     chain = []
@@ -51,24 +64,38 @@ def provider_chain(
         if ort_name in _failed_to_start:
             log.info("execution provider %s skipped: it failed to start earlier", name)
             continue
-        chain.append((ort_name, _provider_options(name, engine_cache)))
+        chain.append((ort_name, provider_options(name, engine_cache, memory)))
     if not any(ort_name == ORT_NAMES["cpu"] for ort_name, _ in chain):
         chain.append((ORT_NAMES["cpu"], {}))
     return chain
 
 
-def _provider_options(name: str, engine_cache: Path) -> dict[str, str]:
-    """TensorRT builds fp16 engines once and keeps them (and its timing cache) on disk."""
+def provider_options(name: str, engine_cache: Path, memory: DeviceMemory) -> dict[str, str]:
+    """ORT options of one provider: memory bounded by the model's charge; TensorRT engines kept on disk."""
+    if name == "cuda":
+        # kSameAsRequested: the arena grows by each allocation, not by doubling past the cap.
+        return {"arena_extend_strategy": "kSameAsRequested", "gpu_mem_limit": str(memory.limit)}
     if name != "tensorrt":
         return {}
     engine_cache.mkdir(parents=True, exist_ok=True)
     return {
         "trt_fp16_enable": "True",
+        "trt_max_workspace_size": str(memory.work),  # TensorRT's scratch memory is the working budget
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(engine_cache),
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": str(engine_cache),
     }
+
+
+def run_options(active: Sequence[str]) -> ort.RunOptions:
+    """Per-run options: on CUDA, hand the arena's free chunks back after every run."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    if ORT_NAMES["cuda"] in active:
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
+    return options
 
 
 def create_session(
@@ -115,7 +142,9 @@ class OnnxBackend:
     """One ONNX Runtime session: the loader thread builds, warms and closes it; in between only
     the model's batcher thread runs it."""
 
-    def __init__(self, model: Path, providers: Sequence[str], engine_cache: Path, intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, model: Path, providers: Sequence[str], engine_cache: Path, memory: DeviceMemory, intra_op_threads: int = 0
+    ) -> None:
         if not model.is_file():
             raise BackendError(f"the ONNX file {model} does not exist; fix `model` in the manifest or convert the model")
         # Imported with the first model: an idle daemon does without its ~18 MiB.
@@ -125,11 +154,15 @@ class OnnxBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3  # errors only: ORT's warnings are noise in the journal
+        # No CPU arena: it would keep the largest batch's memory for good. The working budget
+        # bounds each batch instead, and the freed heap goes back to the system when idle.
+        options.enable_cpu_mem_arena = False
         # Spinning pool threads would burn the cores that the socket loop and the clients need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        chain = provider_chain(providers, ort.get_available_providers(), engine_cache)
+        chain = provider_chain(providers, ort.get_available_providers(), engine_cache, memory)
         self.session = create_session(model, chain, options)
         self.providers = self.session.get_providers()
+        self.run_options = run_options(self.providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
         unknown = [name for name in self.inputs if name not in FEEDABLE_INPUTS]
         if unknown or "input_ids" not in self.inputs:
@@ -148,7 +181,7 @@ class OnnxBackend:
             # Left-padded rows must count positions from their first real token.
             feeds["position_ids"] = np.clip(np.cumsum(batch.mask, axis=1) - 1, 0, None)
         feeds = {name: value for name, value in feeds.items() if name in self.inputs}
-        (states,) = self.session.run([self.output], feeds)
+        (states,) = self.session.run([self.output], feeds, self.run_options)
         if states.ndim != 3:
             raise BackendError(f"output {self.output!r} has shape {states.shape}; token states [batch, seq, hidden] expected")
         return states

@@ -2,9 +2,11 @@
 
 Requests from any number of clients queue here as ``Job``s. The worker thread takes what is
 waiting (up to ``max_batch`` texts), tokenizes it, sorts the texts by length, cuts batches
-whose padded size (longest × rows) stays within the token budget, runs them, pools, and hands
-each job its vectors in input order on the event loop. A failing batch fails only the jobs
-that had texts in it; the thread logs and carries on.
+whose working memory (``workmem`` cost model: long texts get fewer rows) stays within the
+model's budget and whose padded size stays within the token budget, runs them, pools, and
+hands each job its vectors in input order on the event loop. A failing batch fails only the
+jobs that had texts in it; the thread logs and carries on. Each batch that runs alone in the
+process has its peak measured; once the queue is empty, the freed heap goes back to the system.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +25,11 @@ from tokenizers import Encoding
 
 from . import pooling
 from .backend import OnnxBackend
+from .footprint import Footprint
+from .memory import MIB, trim_heap
 from .settings import Limits
 from .tokenize import TextEncoder
+from .workmem import METER
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ class Batcher:
         pooling_mode: str,
         dimension: int,
         limits: Limits,
+        footprint: Footprint,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.name = name
@@ -83,6 +89,8 @@ class Batcher:
         self.backend = backend
         self.pooling = pooling_mode
         self.limits = limits
+        self.cost, self.work = footprint.cost, footprint.work
+        self.peak_seen = 0  # bytes: the largest batch measured running alone
         self.loop = loop
         self._jobs: deque[Job] = deque()
         self._queued_texts = 0
@@ -157,13 +165,23 @@ class Batcher:
         outputs = {j: np.empty((len(job.texts), self.dimension), np.float32) for j, job in enumerate(live)}
         rows.sort(key=lambda r: len(r.encoding.ids))
         lengths = [len(r.encoding.ids) for r in rows]
-        for start, stop in cut_batches(lengths, self.limits.batch_tokens, self.limits.max_batch, self.batch_cost_tokens):
+        for start, stop in cut_batches(lengths, self._fits, self.batch_cost_tokens):
             self._run_batch(rows[start:stop], outputs, failed)
         runnable = {r.job for r in rows}
         for j, job in enumerate(live):
             if j in runnable:
                 settled.append((job, failed.get(j) or self._finish(job, outputs[j])))
         self._settle(settled)
+        if not self._jobs:
+            trim_heap()  # idle: the batches' memory goes back (a trim is ~1 ms; a batch, tens)
+
+    def _fits(self, rows: int, length: int) -> bool:
+        """Whether a batch of ``rows`` texts padded to ``length`` tokens stays within the limits and the budget."""
+        return (
+            rows <= self.limits.max_batch
+            and rows * length <= self.limits.batch_tokens
+            and self.cost.batch_bytes(rows, length) <= self.work
+        )
 
     def _tokenize(self, jobs: list[Job]) -> tuple[list[_Row], list[tuple[Job, EmbedError]]]:
         """Rows to run, and the jobs refused for an input over max_length with truncate off."""
@@ -190,7 +208,10 @@ class Batcher:
         padded = self.encoder.pad([r.encoding for r in batch])
         self.batches_run += 1
         try:
-            vectors = pooling.pool(self.backend.run(padded), padded.mask, self.pooling)
+            with METER.measure() as reading:
+                states = self.backend.run(padded)
+            self._note_peak(reading, padded.ids.shape)
+            vectors = pooling.pool(states, padded.mask, self.pooling)
         except Exception as exc:
             log.exception("model %s: a batch of %d texts failed", self.name, len(batch))
             for r in batch:
@@ -198,6 +219,18 @@ class Batcher:
             return
         for r, vector in zip(batch, vectors):
             outputs[r.job][r.index] = vector
+
+    def _note_peak(self, reading: list[int], shape: tuple[int, ...]) -> None:
+        """Keep the largest peak; one over the budget means the cost model is wrong: say so."""
+        if not reading or reading[0] <= self.peak_seen:
+            return
+        self.peak_seen = reading[0]
+        if self.peak_seen > self.work:
+            log.warning(
+                "model %s: a batch of %d x %d tokens took %.0f MiB of working memory, over its budget of %.0f MiB; "
+                "its charge grows to match",
+                self.name, shape[0], shape[1], self.peak_seen / MIB, self.work / MIB,
+            )  # fmt: skip
 
     @staticmethod
     def _finish(job: Job, vectors: np.ndarray) -> Embedded:
@@ -215,20 +248,21 @@ class Batcher:
 
 
 def cut_batches(
-    sorted_lengths: list[int], batch_tokens: int, max_batch: int, batch_cost_tokens: int
+    sorted_lengths: list[int], fits: Callable[[int, int], bool], batch_cost_tokens: int
 ) -> Iterator[tuple[int, int]]:
-    """Slices of ascending token lengths whose padded size (longest x rows) fits the budget.
+    """Slices of ascending token lengths for which ``fits(rows, longest)`` holds.
 
     A batch is also cut where padding its rows up to the next length would cost more compute
     than running one more batch (``batch_cost_tokens``): on a CPU, where work grows with every
     token, padding rarely pays; on a GPU a batch's fixed cost is large and padding is cheap.
-    A single row longer than the budget still forms a batch of its own.
+    A single row that does not fit still forms a batch of its own (a model loads only if one
+    text of max_length fits its working budget).
     """
     start = 0
     for stop, length in enumerate(sorted_lengths):
         rows = stop - start + 1  # this row is the longest so far: lengths ascend
         padding = (length - sorted_lengths[stop - 1]) * (rows - 1) if stop > start else 0
-        if stop > start and (length * rows > batch_tokens or rows > max_batch or padding > batch_cost_tokens):
+        if stop > start and (not fits(rows, length) or padding > batch_cost_tokens):
             yield start, stop
             start = stop
     if sorted_lengths:

@@ -148,9 +148,9 @@ def status_command(args: argparse.Namespace) -> int:
 def models_table(models: Sequence[dict[str, Any]], now: float | None = None) -> str:
     """One row per model, then the error of each model that has one."""
     now = time.time() if now is None else now
-    headers = ["id", "state", "pinned", "memory", "last used", "in-flight", "requests", "dim", "default"]
+    headers = ["id", "state", "pinned", "memory", "weights/work/peak", "last used", "in-flight", "requests", "dim", "default"]
     rows = [
-        [str(m.get("id", "")), str(m.get("state", "")), "*" if m.get("pinned") else "", memory_cell(m),
+        [str(m.get("id", "")), str(m.get("state", "")), "*" if m.get("pinned") else "", memory_cell(m), parts_cell(m),
          ago(m.get("last_used"), now), _scalar(m.get("in_flight")), _scalar(m.get("requests")),
          _scalar(m.get("dimension")), "*" if m.get("default") else ""]
         for m in models
@@ -205,6 +205,12 @@ def memory_cell(m: dict[str, Any]) -> str:
     """A model's memory in MB, with ``~`` when it is an estimate rather than measured."""
     mb = None if m.get("memory_source") == "unknown" else m.get("memory_mb")
     return "-" if mb is None else f"{'' if m.get('memory_source') == 'measured' else '~'}{mb:.0f} MB"
+
+
+def parts_cell(m: dict[str, Any]) -> str:
+    """A loaded model's charge in parts: resident weights / working budget / largest batch seen, in MB."""
+    parts = [m.get(key) for key in ("weights_mb", "work_mb", "peak_mb")]
+    return "-" if None in parts else "/".join(f"{mb:.0f}" for mb in parts) + " MB"
 
 
 def ago(stamp: float | None, now: float) -> str:

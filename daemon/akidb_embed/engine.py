@@ -113,6 +113,7 @@ class Engine:
                 "max_loaded_models": memory.max_loaded_models,
                 "loaded_models": len(loaded),
                 "loaded_memory_mb": round(float(sum(info["memory_mb"] for info in loaded)), 1),
+                "unaccounted_mb": _mb(self.registry.unaccounted),
                 "high_watermark": memory.high_watermark,
                 "low_watermark": memory.low_watermark,
             },
@@ -142,6 +143,7 @@ class Engine:
                 load_ms=round(model.load_seconds * 1e3, 1), queued_texts=model.batcher.queued_texts,
                 batches=model.batcher.batches_run, keep_alive=model.keep_alive,
                 memory_mb=round(self.registry.footprint(entry) / MIB, 1), memory_source="measured",
+                weights_mb=_mb(model.footprint.weights), work_mb=_mb(model.footprint.work), peak_mb=_mb(model.peak),
             )  # fmt: skip
         return info
 
@@ -180,3 +182,7 @@ class Engine:
             dimensions=dimensions,
             deadline=arrived + timeout_ms / 1e3 if timeout_ms else float("inf"),
         )
+
+
+def _mb(count: int) -> float:
+    return round(count / MIB, 1)

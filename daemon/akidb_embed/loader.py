@@ -1,30 +1,29 @@
 """Loading and unloading one model: session, tokenizer, batcher, warm-up, and what it costs.
 
-``load_model`` runs on the loader thread. It measures the model's footprint as the change in
-the daemon's resident memory across the load and a warm-up batch; ``LoadedModel.close`` hands
-the memory back to the system and measures what that released.
+``load_model`` runs on the loader thread. A model's memory (``footprint``) is measured once
+per fingerprint and working budget, in a child process, and remembered; the load itself then
+builds the session with GPU memory capped at the charge and the batcher cut to the budget.
+``LoadedModel.close`` hands the memory back to the system and measures what that released.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import gc
 import logging
 import time
-from collections.abc import Container
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .backend import BackendError, OnnxBackend
+from .backend import BackendError, DeviceMemory, OnnxBackend
 from .batcher import Batcher
+from .footprint import Footprint, Request, measure_in_child
 from .manifest import Manifest, fingerprint
-from .memory import MIB, process_rss
+from .memory import MIB, process_rss, release_memory
 from .settings import Settings
 from .tokenize import TextEncoder
+from .workmem import METER
 
 log = logging.getLogger(__name__)
-M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
 @dataclass
@@ -36,7 +35,7 @@ class LoadedModel:
     backend: OnnxBackend
     batcher: Batcher
     load_seconds: float
-    footprint: int  # bytes of resident memory the load added
+    footprint: Footprint
     keep_alive: float  # idle seconds before it unloads; negative: never
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
@@ -44,6 +43,16 @@ class LoadedModel:
     requests: int = 0
     served: int = 0  # texts
     retired: bool = False
+
+    @property
+    def peak(self) -> int:
+        """The largest working memory seen: at the first load's worst batches, or since, serving."""
+        return max(self.footprint.peak, self.batcher.peak_seen)
+
+    @property
+    def charge(self) -> int:
+        """Bytes the cache books for it: weights + the working budget, or the peak if that was larger."""
+        return self.footprint.weights + max(self.footprint.work, self.peak)
 
     def idle_for(self, now: float) -> float:
         return now - self.last_used if self.in_flight == 0 else 0.0
@@ -60,65 +69,55 @@ class LoadedModel:
         return released
 
 
+def work_setting(manifest: Manifest, settings: Settings) -> int:
+    """The model's working-memory budget setting in MiB: its manifest's, else the config's (0: automatic)."""
+    return manifest.work_mb if manifest.work_mb is not None else settings.limits.work_mb
+
+
 def load_model(
     manifest: Manifest,
     settings: Settings,
     loop: asyncio.AbstractEventLoop,
     keep_alive: float,
-    measured: Container[str],
+    known: Mapping[str, Footprint],
 ) -> LoadedModel:
-    """Build and check a model (loader thread); one whose fingerprint is not ``measured`` yet
-    gets the larger warm-up batch that measures its footprint."""
+    """Build and check a model (loader thread); a fingerprint not in ``known`` for this budget is measured first."""
     started = time.perf_counter()
-    rss_before = process_rss()
     digest = _fingerprint(manifest)
-    measure = digest not in measured
     encoder = _text_encoder(manifest)
-    backend = OnnxBackend(
-        manifest.model,
-        manifest.providers or settings.providers,
-        settings.cache_dir / "tensorrt" / digest,
-        settings.intra_op_threads,
-    )
-    _warm_up(manifest, encoder, backend, settings.memory.warmup_tokens if measure else 0)
-    batcher = Batcher(manifest.id, encoder, backend, manifest.pooling, manifest.dimension, settings.limits, loop)
+    footprint = known.get(digest)
+    if footprint is None or footprint.work_mb != work_setting(manifest, settings):
+        footprint = _measure(manifest, settings)
+    with METER.measure():  # a load blurs the peak of any batch running meanwhile
+        backend = OnnxBackend(
+            manifest.model,
+            manifest.providers or settings.providers,
+            settings.cache_dir / "tensorrt" / digest,
+            DeviceMemory(footprint.charge, footprint.work),
+            settings.intra_op_threads,
+        )
+        _warm_up(manifest, encoder, backend)
+        release_memory()  # what parsing the model file left on the heap
+    batcher = Batcher(manifest.id, encoder, backend, manifest.pooling, manifest.dimension, settings.limits, footprint, loop)
     seconds = time.perf_counter() - started
-    footprint = max(0, process_rss() - rss_before)
     log.info(
-        "model %s: loaded in %.0f ms on %s, %.0f MiB (fingerprint %s)",
-        manifest.id, seconds * 1e3, backend.providers[0], footprint / MIB, digest,
+        "model %s: loaded in %.0f ms on %s; weights %.0f MiB, working budget %.0f MiB, worst batch %.0f MiB (fingerprint %s)",
+        manifest.id, seconds * 1e3, backend.providers[0], footprint.weights / MIB, footprint.work / MIB,
+        footprint.peak / MIB, digest,
     )  # fmt: skip
     return LoadedModel(manifest, digest, backend, batcher, seconds, footprint, keep_alive)
 
 
-def release_memory() -> None:
-    """Collect garbage and ask glibc to hand freed heap pages back, so RSS really falls."""
-    gc.collect()
-    if _libc is not None:
-        _libc.malloc_trim(0)
-
-
-def use_one_malloc_arena() -> None:
-    """Keep glibc to one heap arena (call before threads start).
-
-    Every model brings threads of its own; with an arena per thread, memory freed by an unload
-    stays scattered over arenas and RSS creeps up over load/unload cycles (measured: +14 %
-    after 25 cycles with the default, flat with one arena).
-    """
-    if _libc is not None:
-        _libc.mallopt(M_ARENA_MAX, 1)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (musl): freed memory returns on its own schedule
-        return None
-
-
-_libc = _load_libc()
+def _measure(manifest: Manifest, settings: Settings) -> Footprint:
+    limits = settings.limits
+    request = Request(
+        str(manifest.model), str(manifest.tokenizer), manifest.max_length, manifest.padding_side, manifest.dimension,
+        work_setting(manifest, settings), limits.max_batch, limits.batch_tokens, settings.intra_op_threads,
+    )  # fmt: skip
+    if not manifest.model.is_file():
+        raise BackendError(f"the ONNX file {manifest.model} does not exist; fix `model` in the manifest or convert the model")
+    log.info("model %s: measuring its memory (first load of this version)", manifest.id)
+    return measure_in_child(request)
 
 
 def _fingerprint(manifest: Manifest) -> str:
@@ -135,19 +134,9 @@ def _text_encoder(manifest: Manifest) -> TextEncoder:
         raise BackendError(f"tokenizer {manifest.tokenizer} cannot be read: {exc}") from None
 
 
-def _warm_up(manifest: Manifest, encoder: TextEncoder, backend: OnnxBackend, tokens: int) -> None:
-    """Run a batch so a wrong model fails at load, not on a user's request.
-
-    With ``tokens`` the batch is that large (rows of max_length), so the footprint measured
-    includes ONNX Runtime's activation arena for real batches.
-    """
-    texts = ["warm up", "a second, longer warm-up text"]
-    encodings = encoder.encode(texts)
-    if tokens:
-        long_text = " ".join(["warm"] * manifest.max_length)
-        rows = max(2, tokens // manifest.max_length)
-        encodings = encoder.encode([long_text] * rows)
-    states = backend.run(encoder.pad(encodings))
+def _warm_up(manifest: Manifest, encoder: TextEncoder, backend: OnnxBackend) -> None:
+    """Run a small batch so a wrong model fails at load, not on a user's request."""
+    states = backend.run(encoder.pad(encoder.encode(["warm up", "a second, longer warm-up text"])))
     if states.shape[-1] != manifest.dimension:
         raise BackendError(
             f"{manifest.model} produces {states.shape[-1]}-dimensional states but the manifest says "

@@ -41,7 +41,8 @@ class Manifest:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt: str | None = None
     matryoshka_dimensions: tuple[int, ...] = ()
-    memory_mb: int | None = None
+    memory_mb: int | None = None  # charge estimate before the first load measures it
+    work_mb: int | None = None  # working-memory budget of one batch; None: limits.work_mb
     languages: tuple[str, ...] = ()
     multilingual: bool = False
     license: str = ""
@@ -96,6 +97,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "default_prompt": ((str,), False),
     "matryoshka_dimensions": ((list,), False),
     "memory_mb": ((int,), False),
+    "work_mb": ((int,), False),
     "languages": ((list,), False),
     "multilingual": ((bool,), False),
     "license": ((str,), False),
@@ -166,7 +168,7 @@ def _check_values(m: Manifest) -> None:
         raise ManifestError(f"{where} pooling {m.pooling!r} is not one of {', '.join(POOLINGS)}")
     if m.padding_side not in PADDING_SIDES:
         raise ManifestError(f"{where} padding_side {m.padding_side!r} is not one of {', '.join(PADDING_SIDES)}")
-    for name in ("dimension", "max_length", "memory_mb", "params"):
+    for name in ("dimension", "max_length", "memory_mb", "work_mb", "params"):
         value = getattr(m, name)
         if value is not None and value <= 0:
             raise ManifestError(f"{where} {name} must be positive, not {value}")

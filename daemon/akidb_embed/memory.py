@@ -1,10 +1,14 @@
 """Memory monitor: total, available (headroom) and used memory, own RSS and pressure, with their source.
 
-Views: tegrastats on Jetson (tegrastats.py), /proc/meminfo, the cgroup v2 limit.
+Views: tegrastats on Jetson (tegrastats.py), /proc/meminfo, the cgroup v2 limit. Also the
+process's own memory: resident and peak resident size, and handing freed heap back to the system.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -88,6 +92,63 @@ def process_rss() -> int:
     """This process's resident set size in bytes (one small read of /proc/self/statm)."""
     with open("/proc/self/statm", "rb") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (VmHWM) since start or ``reset_peak_rss``."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/self/status has no VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel or a sandbox refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def trim_heap() -> None:
+    """Ask glibc to hand freed heap pages back to the system, so that RSS really falls."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def release_memory() -> None:
+    """Collect garbage, then trim the heap."""
+    gc.collect()
+    trim_heap()
+
+
+def use_one_malloc_arena() -> None:
+    """Keep glibc to one heap arena (call before threads start).
+
+    Every model brings threads of its own; with an arena per thread, memory freed by an unload
+    or a batch stays scattered over arenas where one trim cannot reach it (measured: +14 % RSS
+    after 25 load/unload cycles with the default, flat with one arena).
+    """
+    if _libc is not None:
+        _libc.mallopt(_M_ARENA_MAX, 1)
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl): freed memory returns on its own schedule
+        return None
+
+
+_libc = _load_libc()
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,18 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, UnknownModel
 
 from . import cache
+from .footprint import Footprint
 from .loader import LoadedModel, load_model
 from .manifest import Manifest, ManifestError, load_manifest, model_files
 from .memory import MIB, MemoryMonitor
 from .settings import Settings
-from .state import StateStore
+from .state import ModelRecord, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Registry:
         self.store = store
         self.entries: dict[str, Entry] = {}
         self.evictions = 0
+        self.unaccounted = 0  # bytes the daemon holds beyond its models' charges (upkeep measures it)
         # One loader thread: loads measure the daemon's memory, which a parallel load would blur.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
 
@@ -211,8 +213,8 @@ class Registry:
         try:
             self._make_room(entry, manifest)
             keep_alive = default_keep_alive(manifest, self.settings)
-            measured = {r.fingerprint: r.footprint for r in self.store.state.models.values() if r.footprint}
-            model = await loop.run_in_executor(self._loader, load_model, manifest, self.settings, loop, keep_alive, measured)
+            known = self.known_footprints()
+            model = await loop.run_in_executor(self._loader, load_model, manifest, self.settings, loop, keep_alive, known)
         except InsufficientMemory as exc:
             log.warning("model %s: not loaded: %s", entry.id, exc.message)
             if entry.model is not None:
@@ -232,17 +234,32 @@ class Registry:
         if old is not None:
             log.info("model %s: swapped to fingerprint %s", entry.id, model.fingerprint)
             self._retire(old)
-        # Footprints belong to the model's content: another id for the same files shares one.
-        remembered = record.footprint if record.fingerprint == model.fingerprint else measured.get(model.fingerprint, 0)
-        record.footprint = max(remembered, model.footprint)
-        record.fingerprint, record.load_ms = model.fingerprint, model.load_seconds * 1e3
+        self._remember(record, model)
+        record.load_ms = model.load_seconds * 1e3
         self._save()
+
+    def known_footprints(self) -> dict[str, Footprint]:
+        """Measured footprints by fingerprint: they belong to the model's content, whichever id names it."""
+        known = {}
+        for record in self.store.state.models.values():
+            try:
+                known[record.fingerprint] = Footprint(**record.memory)
+            except TypeError:  # none yet, or written by another version: measured again
+                continue
+        return known
+
+    def _remember(self, record: ModelRecord, model: LoadedModel) -> None:
+        """Record the model's charge and measurement, with the largest working memory it has shown."""
+        record.fingerprint, record.footprint = model.fingerprint, model.charge
+        record.memory = {**asdict(model.footprint), "peak": model.peak}
 
     def _make_room(self, entry: Entry, manifest: Manifest) -> None:
         """Evict what a load of ``manifest`` needs gone, or raise InsufficientMemory."""
         memory = self.settings.memory
         sample = self.monitor.sample()
-        budget = cache.Budget(memory.model_memory_mb * MIB, memory.max_loaded_models, sample.available - memory.reserve_mb * MIB)
+        # Growth the charges do not explain still takes room under the cap.
+        cap = max(1, memory.model_memory_mb * MIB - self.unaccounted) if memory.model_memory_mb else 0
+        budget = cache.Budget(cap, memory.max_loaded_models, sample.available - memory.reserve_mb * MIB)
         residents = [r for r in self.residents() if r.id != entry.id or entry.model is not None]
         need = self.estimate(entry.id, manifest)[0]
         for model_id in cache.evictions_to_fit(entry.id, need, residents, budget):
@@ -265,8 +282,8 @@ class Registry:
         return cache.estimate(self.store.recorded(model_id).footprint, manifest)
 
     def footprint(self, entry: Entry) -> int:
-        """Bytes a loaded model holds: measured at load, or released by an earlier unload if more."""
-        return max(entry.model.footprint, self.store.recorded(entry.id).footprint)
+        """Bytes a loaded model is charged (its own measurement, or a remembered larger one)."""
+        return max(entry.model.charge, self.store.recorded(entry.id).footprint)
 
     def _fail(self, entry: Entry, message: str) -> None:
         log.error("model %s: load failed: %s", entry.id, message)
@@ -288,16 +305,11 @@ class Registry:
         return self._close(model) if model.in_flight == 0 else None
 
     def _close(self, model: LoadedModel) -> asyncio.Future:
-        """Close on the loader thread (after loads queued before it), remembering what it released."""
-        future = asyncio.get_running_loop().run_in_executor(self._loader, model.close)
+        """Close on the loader thread (after loads queued before it), remembering the peak it reached."""
         record = self.store.record(model.manifest.id)
-
-        def remember(done: asyncio.Future) -> None:
-            if not done.cancelled() and done.exception() is None and record.fingerprint == model.fingerprint:
-                record.footprint = max(record.footprint, done.result())  # includes the arena it grew to
-
-        future.add_done_callback(remember)
-        return future
+        if record.fingerprint == model.fingerprint:
+            self._remember(record, model)
+        return asyncio.get_running_loop().run_in_executor(self._loader, model.close)
 
     def _save(self) -> None:
         loaded = sorted((e.model for e in self.entries.values() if e.model), key=lambda m: -m.last_used)

@@ -31,12 +31,14 @@ class Limits:
     queue_texts: int = 4096  # texts waiting per model before `overloaded`
     batch_tokens: int = 16384  # padded length x count of one inference batch
     max_batch: int = 128  # texts in one inference batch
+    work_mb: int = 0  # working memory of one inference batch, MiB; 0: automatic (see footprint.py)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise SettingsError(f"limits.{f.name} must be a positive integer, not {value!r}")
+            least = 0 if f.name == "work_mb" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise SettingsError(f"limits.{f.name} must be an integer >= {least}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,6 @@ class MemorySettings:
     keep_alive: float = 300.0  # idle seconds before a model unloads; negative: never
     tegrastats: str = "auto"  # "auto" (on PATH), "off", or the program's path
     tegrastats_interval_ms: int = 1000
-    warmup_tokens: int = 2048  # padded tokens of the batch run at a first load to measure a model
 
     def __post_init__(self) -> None:
         for name in ("model_memory_mb", "max_loaded_models", "reserve_mb"):
@@ -58,8 +59,8 @@ class MemorySettings:
                 raise SettingsError(f"memory.{name} must be 0 or positive")
         if not 0 < self.low_watermark < self.high_watermark <= 1:
             raise SettingsError("memory watermarks need 0 < low_watermark < high_watermark <= 1")
-        if self.check_seconds <= 0 or self.tegrastats_interval_ms <= 0 or self.warmup_tokens <= 0:
-            raise SettingsError("memory.check_seconds, tegrastats_interval_ms and warmup_tokens must be positive")
+        if self.check_seconds <= 0 or self.tegrastats_interval_ms <= 0:
+            raise SettingsError("memory.check_seconds and tegrastats_interval_ms must be positive")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """What the daemon remembers across restarts, in ``state_dir/state.json``.
 
-Per model: its measured footprint, load time, last use and whether it is pinned; and which
+Per model: its measured footprint (the charge, and the measurement behind it), load time, last
+use and whether it is pinned; and which
 models were warm, most recently used first, to reload them after a restart. Written atomically
 (temporary file, then rename); an unreadable or unwritable file is logged and never fatal.
 """
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class ModelRecord:
     fingerprint: str = ""
-    footprint: int = 0  # bytes
+    footprint: int = 0  # bytes: the charge
+    memory: dict = field(default_factory=dict)  # the measured ``footprint.Footprint`` of ``fingerprint``
     load_ms: float = 0.0
     last_used: float = 0.0
     pinned: bool = False

@@ -1,7 +1,9 @@
 """Background upkeep of the model cache: keep_alive expiry, memory-pressure eviction, warm start.
 
 Runs on the event loop beside the server; the decisions come from ``cache`` and the unloads go
-through the registry, so a request in flight is never cut short.
+through the registry, so a request in flight is never cut short. Pressure includes the daemon's
+own growth: resident memory beyond the idle daemon plus its models' charges is logged, with the
+models that ran, and evicts idle models from under the memory cap like any other pressure.
 """
 
 from __future__ import annotations
@@ -14,17 +16,21 @@ from collections.abc import Callable
 from akidb_embed_client.errors import EmbedError
 
 from . import cache
+from .memory import MIB, process_rss, trim_heap
 from .registry import Registry
 
 log = logging.getLogger(__name__)
+GROWTH_SLACK = 0.10  # own growth up to this share of the charges is allocator noise, not worth a word
 
 
 class Upkeep:
     """Every few seconds: unload idle models past their keep_alive, evict under memory pressure."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, idle_rss: int) -> None:
         self.registry = registry
+        self.idle_rss = idle_rss  # the daemon's resident memory with no model loaded
         self._stuck = False  # under pressure with nothing to evict: said once, not every round
+        self._batches: dict[str, int] = {}  # batches run per model at the last check
 
     async def run(self, every: float, after: Callable[[], None]) -> None:
         """Check every ``every`` seconds, then call ``after`` (the status report)."""
@@ -38,7 +44,28 @@ class Upkeep:
 
     def check(self) -> None:
         self.expire_idle()
+        self.measure_growth()
         self.relieve_pressure()
+
+    def measure_growth(self) -> None:
+        """Set ``registry.unaccounted`` to what the daemon holds beyond its models' charges."""
+        registry = self.registry
+        loaded = {e.id: e for e in registry.entries.values() if e.model is not None}
+        charges = sum(registry.footprint(e) for e in loaded.values())
+        batches = {model_id: e.model.batcher.batches_run for model_id, e in loaded.items()}
+        active = sorted(m for m, n in batches.items() if n != self._batches.get(m))
+        self._batches = batches
+        excess = process_rss() - self.idle_rss - charges
+        if excess > GROWTH_SLACK * charges:
+            trim_heap()  # freed but kept by the allocator is not growth
+            excess = process_rss() - self.idle_rss - charges
+        grown = excess > GROWTH_SLACK * charges
+        if grown and excess > 2 * registry.unaccounted:  # said when it appears or doubles, not every round
+            log.warning(
+                "the daemon holds %.0f MiB beyond its models' charges of %.0f MiB (models that ran since the last "
+                "check: %s); counted as memory pressure", excess / MIB, charges / MIB, ", ".join(active) or "none",
+            )  # fmt: skip
+        registry.unaccounted = max(0, excess) if grown else 0
 
     def expire_idle(self) -> None:
         now = time.time()
@@ -50,16 +77,26 @@ class Upkeep:
     def relieve_pressure(self) -> None:
         registry, memory = self.registry, self.registry.settings.memory
         sample = registry.monitor.sample()
+        residents = registry.residents()
+        cap, charged = memory.model_memory_mb * MIB, sum(r.footprint for r in residents) + registry.unaccounted
+        if cap and charged > cap:  # the daemon's own growth pushed it past the cap
+            victims = cache.evictions_for_pressure(residents, charged, cap, 1.0)
+            self._evict(victims, f"the daemon holds {charged / MIB:.0f} MiB, over memory.model_memory_mb")
         if sample.pressure <= memory.high_watermark:
             self._stuck = False
             return
-        victims = cache.evictions_for_pressure(registry.residents(), sample.used, sample.total, memory.low_watermark)
-        for model_id in victims:
-            registry.evictions += 1
-            registry.unload(registry.entries[model_id], f"memory pressure {sample.pressure:.0%} over the high watermark")
+        victims = cache.evictions_for_pressure(residents, sample.used, sample.total, memory.low_watermark)
+        self._evict(victims, f"memory pressure {sample.pressure:.0%} over the high watermark")
         if not victims and not self._stuck:
             log.warning("memory pressure %.0f%% but no idle unpinned model to evict", sample.pressure * 100)
         self._stuck = not victims
+
+    def _evict(self, victims: list[str], reason: str) -> None:
+        for model_id in victims:
+            entry = self.registry.entries[model_id]
+            if entry.model is not None:  # not already unloaded by an earlier rule this round
+                self.registry.evictions += 1
+                self.registry.unload(entry, reason)
 
 
 async def warm_start(registry: Registry) -> None:

@@ -1,0 +1,150 @@
+"""A model's memory, measured at its first load in a child process: weights, working budget, worst batch.
+
+The child (``python -m akidb_embed.footprint``) builds the session exactly as the daemon does,
+takes the resident size it added as the weights, fits the working-memory cost model
+(``workmem``) to the peaks of a few calibration batches, settles the working budget, and runs
+the worst batches the budget and the limits allow, keeping the largest peak. A process of its
+own is what makes the figures per model: nothing else loads or runs in it. The charge the
+cache books is weights + the larger of the budget and the peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backend import BackendError
+from .memory import MIB, peak_rss, process_rss, release_memory, reset_peak_rss, use_one_malloc_arena
+from .tokenize import Padded
+from .workmem import CostModel, ModelShape, fit, read_shape
+
+AUTO_FLOOR_MB = 64  # automatic budget: one text of max_length, and at least this (for batches of short texts)
+SHORT_TOKENS = 16  # a short text: batches of many rows
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one model holds, in bytes, and the cost model its batches are cut by."""
+
+    weights: int  # resident after load: session, initializers, tokenizer
+    work: int  # working-memory budget of one batch
+    peak: int  # the largest transient measured for a batch within the budget
+    token_bytes: float
+    pair_bytes: float
+    work_mb: int  # the setting it was measured for (0: automatic)
+
+    @property
+    def charge(self) -> int:
+        return self.weights + max(self.work, self.peak)
+
+    @property
+    def cost(self) -> CostModel:
+        return CostModel(self.token_bytes, self.pair_bytes)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the child needs to build and measure the model as the daemon would."""
+
+    model: str
+    tokenizer: str
+    max_length: int
+    padding_side: str
+    dimension: int
+    work_mb: int  # 0: automatic
+    max_batch: int
+    batch_tokens: int
+    intra_op_threads: int
+
+
+def measure_in_child(request: Request) -> Footprint:
+    """Run the measurement in a fresh interpreter; a BackendError carries the child's reason."""
+    done = subprocess.run(
+        [sys.executable, "-m", "akidb_embed.footprint", json.dumps(asdict(request))],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise BackendError(lines[-1])
+    return Footprint(**json.loads(done.stdout))
+
+
+def measure(request: Request) -> Footprint:
+    """The measurement itself (in the child): weights, cost model, budget, worst allowed batches."""
+    import onnxruntime  # noqa: F401  (the runtime is the daemon's, imported at its start: not the model's)
+
+    from .backend import DeviceMemory, OnnxBackend
+    from .tokenize import TextEncoder
+
+    baseline = process_rss()
+    encoder = TextEncoder(Path(request.tokenizer), request.max_length, request.padding_side)
+    backend = OnnxBackend(Path(request.model), ["cpu"], Path(), DeviceMemory(0, 0), request.intra_op_threads)
+    longest = encoder.encode([" ".join(["memory"] * request.max_length)])[0].ids
+    length = len(longest)  # max_length, unless the tokenizer adds nothing and the text is shorter
+
+    def run(rows: int, tokens: int) -> int:
+        ids = np.array([longest[:tokens]] * rows, dtype=np.int64)
+        release_memory()
+        before = process_rss()
+        reset_peak_rss()
+        backend.run(Padded(ids, np.ones_like(ids)))
+        return max(0, peak_rss() - before)
+
+    run(2, min(SHORT_TOKENS, length))  # first runs initialize kernels: not batch memory
+    release_memory()
+    weights = process_rss() - baseline
+    shape = read_shape(Path(request.model).parent) or _shape_from_dimension(request.dimension)
+    cost = _calibrate(run, length, request.max_batch, CostModel.from_shape(shape)) if reset_peak_rss() else CostModel.from_shape(shape)
+    one = cost.batch_bytes(1, length)
+    work = request.work_mb * MIB if request.work_mb else max(AUTO_FLOOR_MB * MIB, math.ceil(one / MIB) * MIB)
+    if one > work:
+        raise BackendError(
+            f"one text of max_length {length} tokens needs ~{math.ceil(one / MIB)} MiB of working memory and "
+            f"work_mb is {request.work_mb}: raise work_mb (manifest or [limits]) or lower max_length"
+        )
+    worst = [run(rows, n) for n in _lengths(length) if (rows := _worst_rows(cost, n, work, request))]
+    return Footprint(weights, work, max(worst, default=0), cost.token_bytes, cost.pair_bytes, request.work_mb)
+
+
+def _calibrate(run: Any, length: int, max_batch: int, prior: CostModel) -> CostModel:
+    """Fit the cost model to peaks of batches that separate its terms: long rows and many short ones."""
+    short = min(SHORT_TOKENS, length)
+    many = max(1, min(max_batch, prior.max_rows(short, prior.batch_bytes(1, length))))
+    shapes = [(1, length), (2, max(1, length // 2)), (many, short)]
+    return fit([(rows, n, max(run(rows, n), run(rows, n))) for rows, n in shapes])
+
+
+def _lengths(length: int) -> list[int]:
+    return sorted({length, max(1, length // 2), max(1, length // 4), min(SHORT_TOKENS, length)}, reverse=True)
+
+
+def _worst_rows(cost: CostModel, length: int, work: int, request: Request) -> int:
+    """The most rows of ``length`` tokens the batcher would put in one batch."""
+    return min(request.max_batch, request.batch_tokens // length, cost.max_rows(length, work))
+
+
+def _shape_from_dimension(dimension: int) -> ModelShape:
+    """No config.json: a BERT-like guess from the output width (calibration corrects it)."""
+    return ModelShape(layers=1, hidden=dimension, heads=max(1, dimension // 64), intermediate=4 * dimension)
+
+
+def main(argv: list[str]) -> int:
+    use_one_malloc_arena()  # as the daemon does: the same heap behaviour
+    try:
+        footprint = measure(Request(**json.loads(argv[1])))
+    except Exception as exc:  # the parent shows the last stderr line as the load error: one line
+        print(" ".join(str(exc).split()) or type(exc).__name__, file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(footprint)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
