@@ -132,6 +132,9 @@ class Batcher:
             except Exception as exc:  # the thread must outlive any one bad batch
                 log.exception("model %s: batch failed", self.name)
                 self._settle([(job, InternalError(f"inference failed on {self.name}: {exc}")) for job in jobs])
+            del jobs  # with its texts and encodings, before the trim
+            if not self._jobs:
+                trim_heap()  # idle: the batches' memory goes back (a trim is ~1 ms; a batch, tens)
 
     def _take(self) -> list[Job] | None:
         """Block for work; then take what waits, up to max_batch texts (at least one job)."""
@@ -172,8 +175,6 @@ class Batcher:
             if j in runnable:
                 settled.append((job, failed.get(j) or self._finish(job, outputs[j])))
         self._settle(settled)
-        if not self._jobs:
-            trim_heap()  # idle: the batches' memory goes back (a trim is ~1 ms; a batch, tens)
 
     def _fits(self, rows: int, length: int) -> bool:
         """Whether a batch of ``rows`` texts padded to ``length`` tokens stays within the limits and the budget."""

@@ -101,8 +101,12 @@ def measure(request: Request) -> Footprint:
     release_memory()
     weights = process_rss() - baseline
     shape = read_shape(Path(request.model).parent) or _shape_from_dimension(request.dimension)
-    cost = _calibrate(run, length, request.max_batch, CostModel.from_shape(shape)) if reset_peak_rss() else CostModel.from_shape(shape)
-    one = cost.batch_bytes(1, length)
+    if reset_peak_rss():
+        samples = _calibration(run, length, request.max_batch, CostModel.from_shape(shape))
+        cost, one = fit(samples), samples[0][2]
+    else:  # peaks cannot be measured here: the shape's prior stands
+        cost = CostModel.from_shape(shape)
+        one = cost.batch_bytes(1, length)
     work = request.work_mb * MIB if request.work_mb else max(AUTO_FLOOR_MB * MIB, math.ceil(one / MIB) * MIB)
     if one > work:
         raise BackendError(
@@ -110,15 +114,15 @@ def measure(request: Request) -> Footprint:
             f"work_mb is {request.work_mb}: raise work_mb (manifest or [limits]) or lower max_length"
         )
     worst = [run(rows, n) for n in _lengths(length) if (rows := _worst_rows(cost, n, work, request))]
-    return Footprint(weights, work, max(worst, default=0), cost.token_bytes, cost.pair_bytes, request.work_mb)
+    return Footprint(weights, work, max([one, *worst]), cost.token_bytes, cost.pair_bytes, request.work_mb)
 
 
-def _calibrate(run: Any, length: int, max_batch: int, prior: CostModel) -> CostModel:
-    """Fit the cost model to peaks of batches that separate its terms: long rows and many short ones."""
+def _calibration(run: Any, length: int, max_batch: int, prior: CostModel) -> list[tuple[int, int, int]]:
+    """Peaks ``(rows, length, bytes)`` of batches that separate the cost terms; one text of max_length first."""
     short = min(SHORT_TOKENS, length)
     many = max(1, min(max_batch, prior.max_rows(short, prior.batch_bytes(1, length))))
-    shapes = [(1, length), (2, max(1, length // 2)), (many, short)]
-    return fit([(rows, n, max(run(rows, n), run(rows, n))) for rows, n in shapes])
+    shapes = [(1, length), (2, max(1, length // 2)), (4, max(1, length // 4)), (many, short)]
+    return [(rows, n, max(run(rows, n), run(rows, n))) for rows, n in shapes]
 
 
 def _lengths(length: int) -> list[int]:

@@ -20,7 +20,8 @@ from .memory import MIB, process_rss, trim_heap
 from .registry import Registry
 
 log = logging.getLogger(__name__)
-GROWTH_SLACK = 0.10  # own growth up to this share of the charges is allocator noise, not worth a word
+GROWTH_SLACK = 0.10  # own growth up to this share of the charges (or the floor) is allocator noise
+GROWTH_FLOOR = 32 << 20
 
 
 class Upkeep:
@@ -55,11 +56,12 @@ class Upkeep:
         batches = {model_id: e.model.batcher.batches_run for model_id, e in loaded.items()}
         active = sorted(m for m, n in batches.items() if n != self._batches.get(m))
         self._batches = batches
+        slack = max(GROWTH_FLOOR, GROWTH_SLACK * charges)
         excess = process_rss() - self.idle_rss - charges
-        if excess > GROWTH_SLACK * charges:
+        if excess > slack:
             trim_heap()  # freed but kept by the allocator is not growth
             excess = process_rss() - self.idle_rss - charges
-        grown = excess > GROWTH_SLACK * charges
+        grown = excess > slack
         if grown and excess > 2 * registry.unaccounted:  # said when it appears or doubles, not every round
             log.warning(
                 "the daemon holds %.0f MiB beyond its models' charges of %.0f MiB (models that ran since the last "
