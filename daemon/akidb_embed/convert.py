@@ -22,8 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from .footprint import Request, measure_in_child
 from .manifest import ID_PATTERN, POOLINGS, load_manifest
+from .memory import MIB
 from .pooling import l2_normalize, pool
+from .settings import Limits
 from .tokenize import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,6 @@ FP32_MIN_COSINE = 0.9999
 INT8_MEAN_COSINE = 0.99
 OPSET = 18  # LayerNormalization is a single op from 17 on
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf caps one file at 2 GiB: switch to external data well before that
-MEMORY_FACTOR = 2.5  # × ONNX size: weights + ORT's prepacked copies + activations at max_length (rough, safe side)
 _POOLING_NAMES = {"mean": "mean", "mean_tokens": "mean", "cls": "cls", "cls_token": "cls", "lasttoken": "last_token"}
 _MODULES = ("Transformer", "Pooling", "Normalize")
 _FAMILIES = (("minilm", "minilm"), ("bge", "bge"), (r"\be5\b", "e5"), ("qwen3.*embed", "qwen3-embedding"))
@@ -100,8 +102,10 @@ def convert(src: Path, model_id: str, out_dir: Path, manifest_dir: Path | None =
             quantize_dynamic(str(exported), str(final / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True,
                              use_external_data_format=external)
         shutil.copyfile(src / "tokenizer.json", final / "tokenizer.json")
+        shutil.copyfile(src / "config.json", final / "config.json")  # the shape the daemon's memory model starts from
         cosines = _parity(reference, _embed_onnx(final, texts, info, progress), texts, quantize is not None)
-        size = sum(f.stat().st_size for f in final.glob("model.onnx*"))
+        progress("measuring memory: resident weights and the working memory of the worst batch")
+        memory_mb = _measured_memory_mb(final, info, int(reference.shape[1]))
         out_dir.mkdir(exist_ok=True)
         for item in final.iterdir():  # same filesystem, so each move is an atomic rename
             os.replace(item, out_dir / item.name)
@@ -114,11 +118,22 @@ def convert(src: Path, model_id: str, out_dir: Path, manifest_dir: Path | None =
              else str(out_dir / f) for k, f in (("model", "model.onnx"), ("tokenizer", "tokenizer.json"))}
     fields = {"id": model_id, "name": info.pop("name"), "family": info.pop("family"), "params": params, **where,
               "dimension": int(reference.shape[1]),  # the width the model really emits (Dense heads are refused)
-              **info, "memory_mb": int(size / 2**20 * MEMORY_FACTOR) + 1}
+              **info, "memory_mb": memory_mb}
     path = _write_manifest(manifest_dir, fields, f"from {src}; {'int8' if quantize else 'fp32'} parity: min cosine "
                            f"{low:.6f}, mean {mean:.6f}")
     load_manifest(path)  # what we wrote must be what the daemon accepts
     return path, ConversionReport(cosines, low, mean, quantize is not None, time.monotonic() - started)
+
+
+def _measured_memory_mb(folder: Path, info: dict[str, Any], dimension: int) -> int:
+    """The charge the daemon will book at the default limits, measured as its first load does."""
+    limits = Limits()
+    request = Request(str(folder / "model.onnx"), str(folder / "tokenizer.json"), info["max_length"],
+                      info["padding_side"], dimension, limits.work_mb, limits.max_batch, limits.batch_tokens, 0)
+    try:
+        return -(-measure_in_child(request).charge // MIB)  # rounded up
+    except Exception as exc:
+        raise ConversionError(f"the converted model could not be measured: {exc}") from None
 
 
 def _require() -> tuple[Any, Any]:
