@@ -29,7 +29,7 @@ from .footprint import Footprint
 from .memory import MIB, trim_heap
 from .settings import Limits
 from .tokenize import TextEncoder
-from .workmem import METER
+from .workmem import METER, Reading
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +221,11 @@ class Batcher:
         for r, vector in zip(batch, vectors):
             outputs[r.job][r.index] = vector
 
-    def _note_peak(self, reading: list[int], shape: tuple[int, ...]) -> None:
+    def _note_peak(self, reading: Reading, shape: tuple[int, ...]) -> None:
         """Keep the largest peak; one over the budget means the cost model is wrong: say so."""
-        if not reading or reading[0] <= self.peak_seen:
+        if reading.peak is None or reading.peak <= self.peak_seen:
             return
-        self.peak_seen = reading[0]
+        self.peak_seen = reading.peak
         if self.peak_seen > self.work:
             log.warning(
                 "model %s: a batch of %d x %d tokens took %.0f MiB of working memory, over its budget of %.0f MiB; "

@@ -14,9 +14,9 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -117,7 +117,7 @@ def measure(request: Request) -> Footprint:
     return Footprint(weights, work, max([one, *worst]), cost.token_bytes, cost.pair_bytes, request.work_mb)
 
 
-def _calibration(run: Any, length: int, max_batch: int, prior: CostModel) -> list[tuple[int, int, int]]:
+def _calibration(run: Callable[[int, int], int], length: int, max_batch: int, prior: CostModel) -> list[tuple[int, int, int]]:
     """Peaks ``(rows, length, bytes)`` of batches that separate the cost terms; one text of max_length first."""
     short = min(SHORT_TOKENS, length)
     many = max(1, min(max_batch, prior.max_rows(short, prior.batch_bytes(1, length))))

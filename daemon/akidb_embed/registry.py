@@ -69,7 +69,7 @@ class Registry:
         self.entries: dict[str, Entry] = {}
         self.evictions = 0
         self.unaccounted = 0  # bytes the daemon holds beyond its models' charges (upkeep measures it)
-        # One loader thread: loads measure the daemon's memory, which a parallel load would blur.
+        # One loader thread: loads and closes happen one at a time, in the order they were asked for.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
 
     def scan(self) -> None:

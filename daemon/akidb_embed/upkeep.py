@@ -51,6 +51,8 @@ class Upkeep:
     def measure_growth(self) -> None:
         """Set ``registry.unaccounted`` to what the daemon holds beyond its models' charges."""
         registry = self.registry
+        if any(e.loading is not None for e in registry.entries.values()):
+            return  # a load's memory is in no charge until it is done: judge the next round
         loaded = {e.id: e for e in registry.entries.values() if e.model is not None}
         charges = sum(registry.footprint(e) for e in loaded.values())
         batches = {model_id: e.model.batcher.batches_run for model_id, e in loaded.items()}

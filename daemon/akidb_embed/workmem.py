@@ -94,6 +94,13 @@ def fit(samples: list[tuple[int, int, int]]) -> CostModel:
     return CostModel(float(coef[0]), float(coef[1]))
 
 
+@dataclass
+class Reading:
+    """What ``PeakMeter.measure`` saw: bytes above the resident size at the start, if it could tell."""
+
+    peak: int | None = None
+
+
 class PeakMeter:
     """The transient memory of each batch that runs alone in the process.
 
@@ -110,9 +117,9 @@ class PeakMeter:
         self.enabled = reset_peak_rss()  # a sandbox may forbid /proc/self/clear_refs
 
     @contextmanager
-    def measure(self) -> Iterator[list[int]]:
-        """Around one activity; the yielded list receives its peak in bytes if it ran alone."""
-        reading: list[int] = []
+    def measure(self) -> Iterator[Reading]:
+        """Around one activity; the reading gets its peak in bytes if it ran alone."""
+        reading = Reading()
         with self._lock:
             self._active += 1
             alone = self._active == 1 and self.enabled
@@ -128,7 +135,7 @@ class PeakMeter:
             with self._lock:
                 self._active -= 1
                 if alone and not self._shared:
-                    reading.append(max(0, peak_rss() - before))
+                    reading.peak = max(0, peak_rss() - before)
 
 
 METER = PeakMeter()
