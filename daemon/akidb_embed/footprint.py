@@ -27,6 +27,7 @@ from .workmem import CostModel, ModelShape, fit, read_shape
 
 AUTO_FLOOR_MB = 64  # automatic budget: one text of max_length, and at least this (for batches of short texts)
 SHORT_TOKENS = 16  # a short text: batches of many rows
+CALIBRATION_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -101,20 +102,41 @@ def measure(request: Request) -> Footprint:
     release_memory()
     weights = process_rss() - baseline
     shape = read_shape(Path(request.model).parent) or _shape_from_dimension(request.dimension)
-    if reset_peak_rss():
-        samples = _calibration(run, length, request.max_batch, CostModel.from_shape(shape))
-        cost, one = fit(samples), samples[0][2]
-    else:  # peaks cannot be measured here: the shape's prior stands
-        cost = CostModel.from_shape(shape)
-        one = cost.batch_bytes(1, length)
+    prior = CostModel.from_shape(shape)
+    measurable = reset_peak_rss()  # else peaks cannot be measured here: the shape's prior stands
+    samples = _calibration(run, length, request.max_batch, prior) if measurable else []
+    cost = fit(samples) if samples else prior
+    one = samples[0][2] if samples else prior.batch_bytes(1, length)
     work = request.work_mb * MIB if request.work_mb else max(AUTO_FLOOR_MB * MIB, math.ceil(one / MIB) * MIB)
     if one > work:
         raise BackendError(
             f"one text of max_length {length} tokens needs ~{math.ceil(one / MIB)} MiB of working memory and "
             f"work_mb is {request.work_mb}: raise work_mb (manifest or [limits]) or lower max_length"
         )
-    worst = [run(rows, n) for n in _lengths(length) if (rows := _worst_rows(cost, n, work, request))]
-    return Footprint(weights, work, max([one, *worst]), cost.token_bytes, cost.pair_bytes, request.work_mb)
+    if measurable:
+        cost, peak = _settle_worst_batches(run, samples, cost, length, work, request)
+    else:
+        peak = one
+    return Footprint(weights, work, max(one, peak), cost.token_bytes, cost.pair_bytes, request.work_mb)
+
+
+def _settle_worst_batches(
+    run: Callable[[int, int], int], samples: list[tuple[int, int, int]], cost: CostModel, length: int, work: int,
+    request: Request,
+) -> tuple[CostModel, int]:
+    """Run the largest batch the limits allow at a few lengths; the cost model and the largest peak.
+
+    A batch that outgrows the budget joins the samples and the model is refitted to cover it, so
+    the batcher cuts such a batch smaller; a few rounds settle it.
+    """
+    for _ in range(CALIBRATION_ROUNDS):
+        worst = [(rows, n, run(rows, n)) for n in _lengths(length) if (rows := _worst_rows(cost, n, work, request))]
+        over = [(rows, n, peak) for rows, n, peak in worst if peak > work and rows > 1]
+        if not over:
+            break
+        samples = samples + over
+        cost = fit(samples)
+    return cost, max(peak for _, _, peak in worst)
 
 
 def _calibration(run: Callable[[int, int], int], length: int, max_batch: int, prior: CostModel) -> list[tuple[int, int, int]]:
