@@ -3,7 +3,10 @@
 
 The in-process baseline is our own stack without the daemon (tokenizer, ONNX Runtime session,
 pooling, normalization in this process): the ceiling the socket path is judged against.
-Usage: scripts/bench.py --catalog .dev/models.d [--model all-minilm-l6-v2] [--texts 512]
+The memory section puts the daemon's resident size beside the footprint it charges a model,
+and, given --before-src (another checkout), the same figures and throughput of that daemon.
+Usage: scripts/bench.py --catalog .dev/models.d [CATALOG ...] [--model all-minilm-l6-v2] [--texts 512]
+       [--sections latency cache memory] [--before-src DIR] [--rounds 2]
 (scripts/dev.sh creates that catalog.)
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import platform
 import re
 import statistics
 import sys
@@ -26,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the real-daemon runner the tests use
 
 from akidb_embed import pooling  # noqa: E402
-from akidb_embed.backend import OnnxBackend  # noqa: E402
+from akidb_embed.backend import DeviceMemory, OnnxBackend  # noqa: E402
 from akidb_embed.batcher import CPU_BATCH_COST_TOKENS, cut_batches  # noqa: E402
 from akidb_embed.manifest import Manifest, load_manifest  # noqa: E402
 from akidb_embed.engine import Engine  # noqa: E402
@@ -37,15 +41,14 @@ from akidb_embed.state import StateStore  # noqa: E402
 from akidb_embed_client.errors import UnknownModel  # noqa: E402
 from akidb_embed.tokenize import TextEncoder  # noqa: E402
 from akidb_embed_client import Client  # noqa: E402
+from bench_memory import memory_columns, print_memory_table  # noqa: E402
+from benchutil import BULK, bulk_rate, latencies_ms, p50, p95, progress, timed_ms  # noqa: E402
 from daemon_process import run_daemon  # noqa: E402
 from fortunes import fortune_sentences  # noqa: E402
 
-BULK = 32
 CONCURRENT = 16
-
-
-def progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+SECTIONS = ("latency", "cache", "memory")
+DEFAULT_MODEL = "all-minilm-l6-v2"
 
 
 class InProcess:
@@ -54,26 +57,22 @@ class InProcess:
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self.encoder = TextEncoder(manifest.tokenizer, manifest.max_length, manifest.padding_side)
-        self.backend = OnnxBackend(manifest.model, ["cpu"], Path("/tmp"))
+        self.backend = OnnxBackend(manifest.model, ["cpu"], Path("/tmp"), DeviceMemory(0, 0))
 
     def embed(self, texts: list[str]) -> None:
-        encodings = sorted(self.encoder.encode(texts), key=lambda e: len(e.ids))
-        lengths = [len(e.ids) for e in encodings]
-        for start, stop in cut_batches(lengths, Limits().batch_tokens, Limits().max_batch, CPU_BATCH_COST_TOKENS):
-            padded = self.encoder.pad(encodings[start:stop])
+        encoded = sorted(self.encoder.encode(texts), key=lambda t: len(t.ids))
+        lengths = [len(t.ids) for t in encoded]
+        for start, stop in cut_batches(lengths, token_budget_fits, CPU_BATCH_COST_TOKENS):
+            padded = self.encoder.pad(encoded[start:stop])
             vectors = pooling.pool(self.backend.run(padded), padded.mask, self.manifest.pooling)
             if self.manifest.normalize:
                 pooling.l2_normalize(vectors)
 
 
-def latencies_ms(call: Callable[[list[str]], object], texts: list[str]) -> list[float]:
-    """Round trip of each single-text call, in milliseconds."""
-    out = []
-    for text in texts:
-        started = time.perf_counter()
-        call([text])
-        out.append((time.perf_counter() - started) * 1e3)
-    return out
+def token_budget_fits(rows: int, length: int) -> bool:
+    """The daemon's batch limits without its memory budget: the baseline keeps the plain token rule."""
+    limits = Limits()
+    return rows <= limits.max_batch and rows * length <= limits.batch_tokens
 
 
 def paired_latencies_ms(
@@ -85,14 +84,6 @@ def paired_latencies_ms(
         a += latencies_ms(first, [text])
         b += latencies_ms(second, [text])
     return a, b
-
-
-def bulk_rate(call: Callable[[list[str]], object], texts: list[str]) -> float:
-    """Texts per second when sent BULK at a time."""
-    started = time.perf_counter()
-    for i in range(0, len(texts), BULK):
-        call(texts[i : i + BULK])
-    return len(texts) / (time.perf_counter() - started)
 
 
 def concurrent_rate(socket: Path, model: str, texts: list[str]) -> tuple[float, list[float]]:
@@ -114,14 +105,6 @@ def concurrent_rate(socket: Path, model: str, texts: list[str]) -> tuple[float, 
     return len(texts) / elapsed, [ms for share in results for ms in share]
 
 
-def p50(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=20)[-1]
-
-
 def row(name: str, ours: float, base: float, unit: str, target: str) -> str:
     ratio = ours / base if base else float("nan")
     return f"{name:<34} {ours:>10.2f} {base:>10.2f} {unit:<8} {ratio:>6.2f}  {target}"
@@ -129,44 +112,82 @@ def row(name: str, ours: float, base: float, unit: str, target: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--catalog", type=Path, default=REPO / ".dev" / "models.d")
-    parser.add_argument("--model", default="all-minilm-l6-v2")
+    parser.add_argument("--catalog", type=Path, nargs="+", default=[REPO / ".dev" / "models.d"])
+    parser.add_argument("--model", help=f"manifest id in each catalog (default: {DEFAULT_MODEL}, else the catalog's only one)")
     parser.add_argument("--texts", type=int, default=512, help="real sentences per measurement")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--before-src", type=Path, help="another checkout: the memory section runs its daemon too")
+    parser.add_argument("--rounds", type=int, default=2, help="bulk rounds per daemon in the memory section (median)")
     args = parser.parse_args()
-    manifest = load_manifest(args.catalog / f"{args.model}.toml")
-    texts = fortune_sentences(args.texts)
-    progress(f"{len(texts)} sentences from Debian's fortunes, model {manifest.id}")
+    manifests = [(catalog, catalog_manifest(catalog, args.model)) for catalog in args.catalog]
+    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores")
+    for catalog, manifest in manifests:
+        if "latency" in args.sections:
+            latency_section(catalog, manifest, fortune_sentences(args.texts))
+        if "cache" in args.sections:
+            cache_section(catalog, manifest)
+    if "memory" in args.sections:
+        columns = []
+        for catalog, manifest in manifests:
+            columns += memory_columns(catalog, manifest, args.before_src, args.rounds)
+        print_memory_table(columns)
+    return 0
 
+
+def catalog_manifest(catalog: Path, model: str | None) -> Manifest:
+    """The model benchmarked in a catalog: the one named, the default one, or the only one."""
+    if model is not None or (catalog / f"{DEFAULT_MODEL}.toml").is_file():
+        return load_manifest(catalog / f"{model or DEFAULT_MODEL}.toml")
+    paths = sorted(catalog.glob("*.toml"))
+    if len(paths) != 1:
+        raise SystemExit(f"bench: {catalog} holds {len(paths)} manifests; name one with --model")
+    return load_manifest(paths[0])
+
+
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (ARM kernels may not give one)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def latency_section(catalog: Path, manifest: Manifest, texts: list[str]) -> None:
+    """Single texts, concurrent clients and bulk: the daemon beside in-process ONNX Runtime."""
+    progress(f"{len(texts)} sentences from Debian's fortunes, model {manifest.id}")
     progress("in-process: warm-up, bulk")
     local = InProcess(manifest)
     local.embed(texts[:BULK])
     local_bulk = bulk_rate(local.embed, texts)
 
     progress("daemon: start, warm-up")
-    with run_daemon(args.catalog, providers=["cpu"]) as daemon, Client(daemon.socket, timeout=60) as client:
+    with run_daemon(catalog, providers=["cpu"]) as daemon, Client(daemon.socket, timeout=60) as client:
         def remote(batch: list[str]) -> object:
-            return client.embed(batch, model=args.model)
+            return client.embed(batch, model=manifest.id)
 
         remote(texts[:BULK])
         progress("daemon and in-process in turn: sequential single texts")
         daemon_single, local_single = paired_latencies_ms(remote, local.embed, texts)
         progress(f"daemon: {CONCURRENT} concurrent clients")
-        daemon_concurrent, concurrent_ms = concurrent_rate(daemon.socket, args.model, texts)
+        daemon_concurrent, concurrent_ms = concurrent_rate(daemon.socket, manifest.id, texts)
         progress("daemon: bulk")
         daemon_bulk = bulk_rate(remote, texts)
 
-    cache = cache_figures(manifest)
-    routing_us = routing_overhead_us(args.catalog, manifest.id)
-
     sequential_rate = 1e3 / statistics.mean(daemon_single)
-    print(f"\n{'measure':<34} {'daemon':>10} {'in-proc':>10} {'unit':<8} {'ratio':>6}  target")
+    print(f"\n{'latency: ' + manifest.id:<34} {'daemon':>10} {'in-proc':>10} {'unit':<8} {'ratio':>6}  target")
     print(row("single text p50", p50(daemon_single), p50(local_single), "ms", "≤ in-proc + 0.5 ms"))
     print(row("single text p95", p95(daemon_single), p95(local_single), "ms", ""))
     print(f"{'  p50 overhead':<34} {p50(daemon_single) - p50(local_single):>10.3f} {'':>10} ms")
     print(row(f"bulk {BULK} texts/request", daemon_bulk, local_bulk, "texts/s", "≥ 0.90"))
     print(row(f"{CONCURRENT} clients vs daemon sequential", daemon_concurrent, sequential_rate, "texts/s", "> 1.00"))
     print(f"{'  concurrent call p50':<34} {p50(concurrent_ms):>10.2f} {'':>10} ms")
-    print(f"\n{'model cache':<34} {'value':>10} {'':>10} {'unit':<8} {'':>6}  target")
+
+
+def cache_section(catalog: Path, manifest: Manifest) -> None:
+    """Loads, hot-add, routing overhead and RSS around a load/unload."""
+    cache = cache_figures(manifest)
+    routing_us = routing_overhead_us(catalog, manifest.id)
+    print(f"\n{'model cache: ' + manifest.id:<34} {'value':>10} {'':>10} {'unit':<8} {'':>6}  target")
     for name, value, unit, target in [
         ("first load (measures footprint)", cache["first_load_ms"], "ms", ""),
         ("cold load p50 (first request)", p50(cache["cold_ms"]), "ms", "≤ 300 ms"),
@@ -177,7 +198,6 @@ def main() -> int:
         ("RSS after unload", cache["rss_after"] / MIB, "MiB", "≈ before"),
     ]:
         print(f"{name:<34} {value:>10.2f} {'':>10} {unit:<8} {'':>6}  {target}")
-    return 0
 
 
 def cache_figures(manifest: Manifest, cycles: int = 10) -> dict:
@@ -230,12 +250,6 @@ def settled_rss(client: Client) -> int:
     return client.status()["memory"]["own_rss"]
 
 
-def timed_ms(call: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    call()
-    return (time.perf_counter() - started) * 1e3
-
-
 def routing_overhead_us(catalog: Path, model_id: str, rounds: int = 20000) -> float:
     """What the daemon adds around the batcher per request: checks, registry acquire and release."""
     settings = load_settings(None, catalog=catalog, providers=["cpu"])
@@ -250,13 +264,14 @@ def routing_overhead_us(catalog: Path, model_id: str, rounds: int = 20000) -> fl
             started = time.perf_counter()
             for _ in range(rounds):
                 model = await registry.acquire(engine._checked_texts(fields["texts"]) and fields["model"])
-                engine._job(model.manifest, fields["texts"], fields)
+                engine._job(model.manifest, fields["texts"], fields, time.monotonic())
                 registry.release(model, 1)
             elapsed = time.perf_counter() - started
             await registry.close()
             return elapsed / rounds * 1e6
 
     return asyncio.run(measure())
+
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tinymodels
 from akidb_embed.manifest import fingerprint, load_manifest
-from akidb_embed.workmem import CostModel, PeakMeter, fit
+from akidb_embed.workmem import CostModel, ModelShape, PeakMeter, fit, read_shape
 from akidb_embed_client import errors
 from daemon_process import Daemon, run_daemon, wait_for
 from fortunes import fortune_sentences
@@ -180,6 +179,52 @@ def test_growth_beyond_a_charge_is_logged_with_the_model_and_booked_to_it(
         info = model_info(daemon, "attn")
         assert info["peak_mb"] > 64 and info["memory_mb"] == pytest.approx(1 + info["peak_mb"], abs=0.2)
         assert "model attn: a batch of" in daemon.log() and "over its budget of 64 MiB" in daemon.log()
+
+
+def test_growth_no_batch_can_be_blamed_for_counts_as_pressure(tmp_path: Path, attention_model: Path) -> None:
+    """1. two ids on the attention model, both remembered with a measurement far too small
+    2. both serve long texts at once, so no batch runs alone to be measured
+    3. upkeep sees the daemon over its charges: it says so, names both, and status shows it."""
+    catalog = attention_catalog(tmp_path, attention_model)
+    tinymodels.write_manifest(catalog, "attn2", attention_model, **tinymodels.ATTENTION_FIELDS)
+    wrong = {"weights": MB, "work": 64 * MB, "peak": 0, "token_bytes": 1.0, "pair_bytes": 1.0, "work_mb": 0}
+    digest = fingerprint(load_manifest(catalog / "attn.toml"))
+    records = {m: {"fingerprint": digest, "footprint": 65 * MB, "memory": wrong} for m in ("attn", "attn2")}
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "state.json").write_text(json.dumps({"models": records, "warm": []}))
+    texts = long_texts(8, 12_000)
+    seen = []
+    with run_daemon(catalog, state_dir=str(state_dir), limits={"max_texts": 16}, memory={"check_seconds": 0.1}) as daemon:
+
+        def serve(model_id: str) -> None:
+            with daemon.client(timeout=120) as client:
+                for _ in range(4):
+                    client.embed(texts, model=model_id)
+
+        threads = [threading.Thread(target=serve, args=(m,)) for m in ("attn", "attn2")]
+        for thread in threads:
+            thread.start()
+        with daemon.client() as client:
+            while any(thread.is_alive() for thread in threads):
+                seen.append(client.status()["budget"]["unaccounted_mb"])
+        for thread in threads:
+            thread.join()
+        log = daemon.log()
+    assert max(seen) > 100
+    assert "beyond its models' charges" in log and "attn, attn2" in log and "counted as memory pressure" in log
+
+
+def test_the_prior_comes_from_config_json(tmp_path: Path) -> None:
+    """MiniLM's shape: attention memory per row grows with 12 heads x length², the rest with hidden and FFN width."""
+    assert read_shape(tmp_path) is None
+    config = {"hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536, "num_hidden_layers": 6}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shape = read_shape(tmp_path)
+    assert shape == ModelShape(hidden=384, heads=12, intermediate=1536)
+    prior = CostModel.from_shape(shape)
+    assert prior.pair_bytes == 12 * 4 * 3 and prior.token_bytes == 4 * (7 * 384 + 2 * 1536)
+    assert prior.max_rows(512, prior.batch_bytes(8, 64)) == 0 < prior.max_rows(64, prior.batch_bytes(8, 64)) == 8
 
 
 def test_fit_never_under_predicts_a_measurement() -> None:

@@ -21,15 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from akidb_embed_client.errors import EmbedError, InputTooLong, InternalError, Overloaded, ShuttingDown
-from tokenizers import Encoding
 
 from . import pooling
 from .backend import OnnxBackend
 from .footprint import Footprint
 from .memory import MIB, trim_heap
 from .settings import Limits
-from .tokenize import TextEncoder
-from .workmem import METER, Reading
+from .tokenize import TextEncoder, Tokens
+from .workmem import GUARD, METER, Reading
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class Job:
 class _Row:
     job: int
     index: int
-    encoding: Encoding
+    tokens: Tokens
 
 
 class Batcher:
@@ -176,10 +175,11 @@ class Batcher:
         settled += refused
         failed: dict[int, EmbedError] = {}
         outputs = {j: np.empty((len(job.texts), self.dimension), np.float32) for j, job in enumerate(live)}
-        rows.sort(key=lambda r: len(r.encoding.ids))
-        lengths = [len(r.encoding.ids) for r in rows]
+        rows.sort(key=lambda r: len(r.tokens.ids))
+        lengths = [len(r.tokens.ids) for r in rows]
         for start, stop in cut_batches(lengths, self._fits, self.batch_cost_tokens):
             self._run_batch(rows[start:stop], outputs, failed)
+            GUARD.after_batch()
         runnable = {r.job for r in rows}
         for j, job in enumerate(live):
             if j in runnable:
@@ -196,17 +196,17 @@ class Batcher:
 
     def _tokenize(self, jobs: list[Job]) -> tuple[list[_Row], list[tuple[Job, EmbedError]]]:
         """Rows to run, and the jobs refused for an input over max_length with truncate off."""
-        encodings = self.encoder.encode([text for job in jobs for text in job.texts])
+        encoded = self.encoder.encode([text for job in jobs for text in job.texts])
         rows, refused, offset = [], [], 0
         for j, job in enumerate(jobs):
-            mine = encodings[offset : offset + len(job.texts)]
+            mine = encoded[offset : offset + len(job.texts)]
             offset += len(job.texts)
-            too_long = [i for i, e in enumerate(mine) if e.overflowing] if not job.truncate else []
+            too_long = [i for i, t in enumerate(mine) if t.truncated] if not job.truncate else []
             if too_long:
                 refused.append((job, self._too_long(too_long[0])))
                 continue
-            job.tokens = [len(e.ids) for e in mine]
-            rows += [_Row(j, i, e) for i, e in enumerate(mine)]
+            job.tokens = [len(t.ids) for t in mine]
+            rows += [_Row(j, i, t) for i, t in enumerate(mine)]
         return rows, refused
 
     def _too_long(self, index: int) -> InputTooLong:
@@ -216,7 +216,7 @@ class Batcher:
         )
 
     def _run_batch(self, batch: list[_Row], outputs: dict[int, np.ndarray], failed: dict[int, EmbedError]) -> None:
-        padded = self.encoder.pad([r.encoding for r in batch])
+        padded = self.encoder.pad([r.tokens for r in batch])
         self.batches_run += 1
         try:
             with METER.measure() as reading:

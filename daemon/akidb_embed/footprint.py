@@ -28,6 +28,8 @@ from .workmem import CostModel, ModelShape, fit, read_shape
 AUTO_FLOOR_MB = 64  # automatic budget: one text of max_length, and at least this (for batches of short texts)
 SHORT_TOKENS = 16  # a short text: batches of many rows
 CALIBRATION_ROUNDS = 3
+BURST_BATCHES = 16
+Run = Callable[..., int]  # run((rows, tokens), ...) -> peak bytes of those batches back to back
 
 
 @dataclass(frozen=True)
@@ -87,18 +89,20 @@ def measure(request: Request) -> Footprint:
     baseline = process_rss()
     encoder = TextEncoder(Path(request.tokenizer), request.max_length, request.padding_side)
     backend = OnnxBackend(Path(request.model), ["cpu"], Path(), DeviceMemory(0, 0), request.intra_op_threads)
-    longest = encoder.encode([" ".join(["memory"] * request.max_length)])[0].ids
+    longest = encoder.encode([" ".join(["memory"] * request.max_length)])[0].ids.tolist()
     length = len(longest)  # max_length, unless the tokenizer adds nothing and the text is shorter
 
-    def run(rows: int, tokens: int) -> int:
-        ids = np.array([longest[:tokens]] * rows, dtype=np.int64)
+    def run(*batches: tuple[int, int]) -> int:
+        """Peak bytes of ``(rows, tokens)`` batches run back to back from a trimmed heap."""
         release_memory()
         before = process_rss()
         reset_peak_rss()
-        backend.run(Padded(ids, np.ones_like(ids)))
+        for rows, tokens in batches:
+            ids = np.array([longest[:tokens]] * rows, dtype=np.int64)
+            backend.run(Padded(ids, np.ones_like(ids)))
         return max(0, peak_rss() - before)
 
-    run(2, min(SHORT_TOKENS, length))  # first runs initialize kernels: not batch memory
+    run((2, min(SHORT_TOKENS, length)))  # first runs initialize kernels: not batch memory
     release_memory()
     weights = process_rss() - baseline
     shape = read_shape(Path(request.model).parent) or _shape_from_dimension(request.dimension)
@@ -121,30 +125,33 @@ def measure(request: Request) -> Footprint:
 
 
 def _settle_worst_batches(
-    run: Callable[[int, int], int], samples: list[tuple[int, int, int]], cost: CostModel, length: int, work: int,
-    request: Request,
+    run: Run, samples: list[tuple[int, int, int]], cost: CostModel, length: int, work: int, request: Request
 ) -> tuple[CostModel, int]:
     """Run the largest batch the limits allow at a few lengths; the cost model and the largest peak.
 
     A batch that outgrows the budget joins the samples and the model is refitted to cover it, so
-    the batcher cuts such a batch smaller; a few rounds settle it.
+    the batcher cuts such a batch smaller; a few rounds settle it. Then those batches run back to
+    back, BURST_BATCHES of them, as a long request runs them: what the heap keeps between batches of different
+    shapes (fragments it cannot reuse) is part of the peak.
     """
     for _ in range(CALIBRATION_ROUNDS):
-        worst = [(rows, n, run(rows, n)) for n in _lengths(length) if (rows := _worst_rows(cost, n, work, request))]
+        batches = [(rows, n) for n in _lengths(length) if (rows := _worst_rows(cost, n, work, request))]
+        worst = [(rows, n, run((rows, n))) for rows, n in batches]
         over = [(rows, n, peak) for rows, n, peak in worst if peak > work and rows > 1]
         if not over:
             break
         samples = samples + over
         cost = fit(samples)
-    return cost, max(peak for _, _, peak in worst)
+    burst = [batches[i % len(batches)] for i in range(BURST_BATCHES)] if batches else []
+    return cost, max(run(*burst), *(peak for _, _, peak in worst))
 
 
-def _calibration(run: Callable[[int, int], int], length: int, max_batch: int, prior: CostModel) -> list[tuple[int, int, int]]:
+def _calibration(run: Run, length: int, max_batch: int, prior: CostModel) -> list[tuple[int, int, int]]:
     """Peaks ``(rows, length, bytes)`` of batches that separate the cost terms; one text of max_length first."""
     short = min(SHORT_TOKENS, length)
     many = max(1, min(max_batch, prior.max_rows(short, prior.batch_bytes(1, length))))
     shapes = [(1, length), (2, max(1, length // 2)), (4, max(1, length // 4)), (many, short)]
-    return [(rows, n, max(run(rows, n), run(rows, n))) for rows, n in shapes]
+    return [(rows, n, max(run((rows, n)), run((rows, n)))) for rows, n in shapes]
 
 
 def _lengths(length: int) -> list[int]:
@@ -158,7 +165,7 @@ def _worst_rows(cost: CostModel, length: int, work: int, request: Request) -> in
 
 def _shape_from_dimension(dimension: int) -> ModelShape:
     """No config.json: a BERT-like guess from the output width (calibration corrects it)."""
-    return ModelShape(layers=1, hidden=dimension, heads=max(1, dimension // 64), intermediate=4 * dimension)
+    return ModelShape(hidden=dimension, heads=max(1, dimension // 64), intermediate=4 * dimension)
 
 
 def main(argv: list[str]) -> int:

@@ -25,9 +25,10 @@ from . import cache
 from .footprint import Footprint
 from .loader import LoadedModel, load_model
 from .manifest import Manifest, ManifestError, load_manifest, model_files
-from .memory import MIB, MemoryMonitor
+from .memory import MIB, MemoryMonitor, process_rss
 from .settings import Settings
 from .state import ModelRecord, StateStore
+from .workmem import GUARD
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Registry:
         self.entries: dict[str, Entry] = {}
         self.evictions = 0
         self.unaccounted = 0  # bytes the daemon holds beyond its models' charges (upkeep measures it)
+        self.idle_rss = process_rss()  # the daemon's resident size with no model; the app sets it once ready
         # One loader thread: loads and closes happen one at a time, in the order they were asked for.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
 
@@ -311,7 +313,14 @@ class Registry:
             self._remember(record, model)
         return asyncio.get_running_loop().run_in_executor(self._loader, model.close)
 
+    def book_charges(self) -> int:
+        """Bytes charged to the loaded models together, which also set the heap guard's limit."""
+        total = sum(self.footprint(e) for e in self.entries.values() if e.model is not None)
+        GUARD.limit = self.idle_rss + total
+        return total
+
     def _save(self) -> None:
+        self.book_charges()  # models came or went
         loaded = sorted((e.model for e in self.entries.values() if e.model), key=lambda m: -m.last_used)
         for model in loaded:
             self.store.record(model.manifest.id).last_used = model.last_used

@@ -27,9 +27,8 @@ GROWTH_FLOOR = 32 << 20
 class Upkeep:
     """Every few seconds: unload idle models past their keep_alive, evict under memory pressure."""
 
-    def __init__(self, registry: Registry, idle_rss: int) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.idle_rss = idle_rss  # the daemon's resident memory with no model loaded
         self._stuck = False  # under pressure with nothing to evict: said once, not every round
         self._batches: dict[str, int] = {}  # batches run per model at the last check
 
@@ -54,20 +53,20 @@ class Upkeep:
         if any(e.loading is not None for e in registry.entries.values()):
             return  # a load's memory is in no charge until it is done: judge the next round
         loaded = {e.id: e for e in registry.entries.values() if e.model is not None}
-        charges = sum(registry.footprint(e) for e in loaded.values())
+        charges = registry.book_charges()  # peaks seen serving may have raised them
         batches = {model_id: e.model.batcher.batches_run for model_id, e in loaded.items()}
-        active = sorted(m for m, n in batches.items() if n != self._batches.get(m))
+        active = sorted(m for m, e in loaded.items() if e.model.in_flight or batches[m] != self._batches.get(m))
         self._batches = batches
         slack = max(GROWTH_FLOOR, GROWTH_SLACK * charges)
-        excess = process_rss() - self.idle_rss - charges
+        excess = process_rss() - registry.idle_rss - charges
         if excess > slack:
             trim_heap()  # freed but kept by the allocator is not growth
-            excess = process_rss() - self.idle_rss - charges
+            excess = process_rss() - registry.idle_rss - charges
         grown = excess > slack
         if grown and excess > 2 * registry.unaccounted:  # said when it appears or doubles, not every round
             log.warning(
                 "the daemon holds %.0f MiB beyond its models' charges of %.0f MiB (models that ran since the last "
-                "check: %s); counted as memory pressure", excess / MIB, charges / MIB, ", ".join(active) or "none",
+                "check or serving now: %s); counted as memory pressure", excess / MIB, charges / MIB, ", ".join(active) or "none",
             )  # fmt: skip
         registry.unaccounted = max(0, excess) if grown else 0
 
