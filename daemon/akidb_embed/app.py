@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from .engine import Engine
-from .memory import MemoryMonitor, process_rss, use_one_malloc_arena
+from .memory import MemoryMonitor, process_rss, tune_malloc
 from .registry import Registry
 from .server import Server
 from .settings import Settings
@@ -37,7 +37,7 @@ def run(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
-    use_one_malloc_arena()
+    tune_malloc()
     # The runtime is the daemon's, not any one model's: loaded before the idle size is taken.
     import onnxruntime  # noqa: F401
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import BackendError
-from .memory import MIB, peak_rss, process_rss, release_memory, reset_peak_rss, use_one_malloc_arena
+from .memory import MIB, peak_rss, process_rss, release_memory, reset_peak_rss, tune_malloc
 from .tokenize import Padded
 from .workmem import CostModel, ModelShape, fit, read_shape
 
@@ -169,7 +169,7 @@ def _shape_from_dimension(dimension: int) -> ModelShape:
 
 
 def main(argv: list[str]) -> int:
-    use_one_malloc_arena()  # as the daemon does: the same heap behaviour
+    tune_malloc()  # as the daemon does: the same heap behaviour
     try:
         footprint = measure(Request(**json.loads(argv[1])))
     except Exception as exc:  # the parent shows the last stderr line as the load error: one line
