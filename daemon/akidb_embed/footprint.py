@@ -3,7 +3,8 @@
 The child (``python -m akidb_embed.footprint``) builds the session exactly as the daemon does,
 takes the resident size it added as the weights, fits the working-memory cost model
 (``workmem``) to the peaks of a few calibration batches, settles the working budget, and runs
-the worst batches the budget and the limits allow, keeping the largest peak. A process of its
+the worst batches the budget and the limits allow, alone and then in a burst as a long request
+would run them, keeping the largest peak. A process of its
 own is what makes the figures per model: nothing else loads or runs in it. The charge the
 cache books is weights + the larger of the budget and the peak.
 """
@@ -38,7 +39,7 @@ class Footprint:
 
     weights: int  # resident after load: session, initializers, tokenizer
     work: int  # working-memory budget of one batch
-    peak: int  # the largest transient measured for a batch within the budget
+    peak: int  # the largest working memory measured: one batch, or a burst with the heap's fragments
     token_bytes: float
     pair_bytes: float
     work_mb: int  # the setting it was measured for (0: automatic)
