@@ -68,6 +68,32 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def seed_understated(tmp_path: Path, catalog: Path, model_ids: tuple[str, ...]) -> Path:
+    """A state dir remembering, for each id, a measurement that badly under-states the attention
+    model (1 MiB of weights, 64 MiB of work, a cost model that lets any batch in), as a stale one would."""
+    wrong = {"weights": MB, "work": 64 * MB, "peak": 0, "token_bytes": 1.0, "pair_bytes": 1.0, "work_mb": 0}
+    digest = fingerprint(load_manifest(catalog / f"{model_ids[0]}.toml"))
+    records = {m: {"fingerprint": digest, "footprint": 65 * MB, "memory": wrong} for m in model_ids}
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "state.json").write_text(json.dumps({"models": records, "warm": []}))
+    return state_dir
+
+
+def serving(daemon: Daemon, model_ids: tuple[str, ...], texts: list[str], sends: int) -> list[threading.Thread]:
+    """One client thread per model, started, each sending ``texts`` ``sends`` times."""
+
+    def serve(model_id: str) -> None:
+        with daemon.client(timeout=120) as client:
+            for _ in range(sends):
+                client.embed(texts, model=model_id)
+
+    threads = [threading.Thread(target=serve, args=(m,)) for m in model_ids]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def attention_catalog(root: Path, model: Path, **fields: object) -> Path:
     catalog = root / "models.d"
     tinymodels.write_manifest(catalog, "attn", model, **{**tinymodels.ATTENTION_FIELDS, **fields})
@@ -124,19 +150,9 @@ def test_two_models_serving_at_once_are_each_charged_their_own(
         with run_daemon(catalog, limits={"max_texts": 16}) as daemon, daemon.client(timeout=120) as client:
             client.embed("x", model=model_id)
             alone[model_id] = model_info(daemon, model_id)
-    texts = long_texts(16, 12_000)
     with run_daemon(catalog, limits={"max_texts": 16}) as daemon:
         idle = rss(daemon)
-
-        def serve(model_id: str) -> None:
-            with daemon.client(timeout=120) as client:
-                for _ in range(3):
-                    client.embed(texts, model=model_id)
-
-        threads = [threading.Thread(target=serve, args=(m,)) for m in ("attn", "big")]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
+        for thread in serving(daemon, ("attn", "big"), long_texts(16, 12_000), sends=3):
             thread.join()
         together = {m: model_info(daemon, m) for m in ("attn", "big")}
         grown = rss(daemon) - idle
@@ -167,12 +183,7 @@ def test_growth_beyond_a_charge_is_logged_with_the_model_and_booked_to_it(
     """1. a remembered measurement that badly under-states the model (as a stale one would)
     2. long texts: batches outgrow the budget  3. the log names the model, its peak and charge grow."""
     catalog = attention_catalog(tmp_path, attention_model)
-    manifest = load_manifest(catalog / "attn.toml")
-    wrong = {"weights": MB, "work": 64 * MB, "peak": 0, "token_bytes": 1.0, "pair_bytes": 1.0, "work_mb": 0}
-    state_dir = tmp_path / "state"
-    state_dir.mkdir()
-    record = {"fingerprint": fingerprint(manifest), "footprint": 65 * MB, "memory": wrong}
-    (state_dir / "state.json").write_text(json.dumps({"models": {"attn": record}, "warm": []}))
+    state_dir = seed_understated(tmp_path, catalog, ("attn",))
     with run_daemon(catalog, state_dir=str(state_dir), limits={"max_texts": 16}) as daemon:
         with daemon.client(timeout=120) as client:
             client.embed(long_texts(4, 12_000), model="attn")
@@ -187,24 +198,10 @@ def test_growth_no_batch_can_be_blamed_for_counts_as_pressure(tmp_path: Path, at
     3. upkeep sees the daemon over its charges: it says so, names both, and status shows it."""
     catalog = attention_catalog(tmp_path, attention_model)
     tinymodels.write_manifest(catalog, "attn2", attention_model, **tinymodels.ATTENTION_FIELDS)
-    wrong = {"weights": MB, "work": 64 * MB, "peak": 0, "token_bytes": 1.0, "pair_bytes": 1.0, "work_mb": 0}
-    digest = fingerprint(load_manifest(catalog / "attn.toml"))
-    records = {m: {"fingerprint": digest, "footprint": 65 * MB, "memory": wrong} for m in ("attn", "attn2")}
-    state_dir = tmp_path / "state"
-    state_dir.mkdir()
-    (state_dir / "state.json").write_text(json.dumps({"models": records, "warm": []}))
-    texts = long_texts(8, 12_000)
+    state_dir = seed_understated(tmp_path, catalog, ("attn", "attn2"))
     seen = []
     with run_daemon(catalog, state_dir=str(state_dir), limits={"max_texts": 16}, memory={"check_seconds": 0.1}) as daemon:
-
-        def serve(model_id: str) -> None:
-            with daemon.client(timeout=120) as client:
-                for _ in range(4):
-                    client.embed(texts, model=model_id)
-
-        threads = [threading.Thread(target=serve, args=(m,)) for m in ("attn", "attn2")]
-        for thread in threads:
-            thread.start()
+        threads = serving(daemon, ("attn", "attn2"), long_texts(8, 12_000), sends=4)
         with daemon.client() as client:
             while any(thread.is_alive() for thread in threads):
                 seen.append(client.status()["budget"]["unaccounted_mb"])
