@@ -4,10 +4,11 @@ The chain comes from config or manifest (TensorRT → CUDA → CPU by default). 
 onnxruntime build lacks is skipped, a session that fails on a GPU provider is retried on the
 next ones, and a provider ORT silently dropped is noticed: each fallback is logged with its reason.
 
-Memory goes back after every batch: the CPU arena is off (ONNX Runtime's arena keeps the
-largest batch it has seen forever), and on CUDA the arena grows only by what is asked, is
-capped at the model's charge and shrinks after each run. On a Jetson, GPU memory is the
-system's memory, so this is what keeps a model inside its charge there.
+No arena keeps a batch's memory for good: on the CPU there is none (ONNX Runtime's would hold
+the largest batch it has seen forever; freed activations go to the heap, which the daemon
+trims), and on CUDA the arena grows only by what is asked, is capped at the model's charge and
+shrinks after each run. On a Jetson, GPU memory is the system's memory, so this is what keeps
+a model inside its charge there.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """What the daemon remembers across restarts, in ``state_dir/state.json``.
 
 Per model: its measured footprint (the charge, and the measurement behind it), load time, last
-use and whether it is pinned; and which
-models were warm, most recently used first, to reload them after a restart. Written atomically
+use and whether it is pinned; and which models were warm, most recently used first, to reload
+them after a restart. Written atomically
 (temporary file, then rename); an unreadable or unwritable file is logged and never fatal.
 """
 
