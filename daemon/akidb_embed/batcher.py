@@ -38,7 +38,7 @@ CPU = "CPUExecutionProvider"
 CPU_BATCH_COST_TOKENS = 16
 GPU_BATCH_COST_TOKENS = 1024
 # A model idle this long hands its batches' memory back. Not after every batch: the next request
-# of a burst would fault it all in again (measured: -6..8 % bulk throughput when trimmed each time).
+# of a burst would fault all of it in again.
 IDLE_TRIM_SECONDS = 1.0
 
 
