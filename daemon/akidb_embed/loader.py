@@ -114,8 +114,6 @@ def _measure(manifest: Manifest, settings: Settings) -> Footprint:
         str(manifest.model), str(manifest.tokenizer), manifest.max_length, manifest.padding_side, manifest.dimension,
         work_setting(manifest, settings), limits.max_batch, limits.batch_tokens, settings.intra_op_threads,
     )  # fmt: skip
-    if not manifest.model.is_file():
-        raise BackendError(f"the ONNX file {manifest.model} does not exist; fix `model` in the manifest or convert the model")
     log.info("model %s: measuring its memory (first load of this version)", manifest.id)
     return measure_in_child(request)
 
