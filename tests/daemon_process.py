@@ -19,6 +19,8 @@ from akidb_embed_client import Client
 from akidb_embed_client.errors import Unavailable
 
 REPO = Path(__file__).resolve().parents[1]
+# Speed settings as a state file records them (footprint "tuning"), for tests that seed a measurement.
+SEEDED_TUNING = {"threads": 0, "run_cost_tokens": 16, "batch_tokens": 16384, "threads_setting": 0}
 
 
 @dataclass

@@ -15,7 +15,7 @@ import tinymodels
 import zmq
 from akidb_embed.manifest import fingerprint, load_manifest
 from akidb_embed_client import errors
-from daemon_process import Daemon, run_daemon, wait_for
+from daemon_process import SEEDED_TUNING, Daemon, run_daemon, wait_for
 
 BIN = Path(__file__).parent / "bin"
 MB = 1 << 20
@@ -32,7 +32,8 @@ def seed_footprints(state_dir: Path, catalog: Path, mb: int) -> None:
     records = {}
     for path in catalog.glob("*.toml"):
         manifest = load_manifest(path)
-        measured = {"weights": (mb - 64) * MB, "work": 64 * MB, "peak": 0, "token_bytes": 0.0, "pair_bytes": 0.0, "work_mb": 0}
+        measured = {"weights": (mb - 64) * MB, "work": 64 * MB, "peak": 0, "token_bytes": 0.0, "pair_bytes": 0.0, "work_mb": 0,
+                    "tuning": SEEDED_TUNING}
         records[manifest.id] = {"fingerprint": fingerprint(manifest), "footprint": mb * MB, "memory": measured}
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "state.json").write_text(json.dumps({"models": records, "warm": []}))

@@ -20,7 +20,7 @@ import tinymodels
 from akidb_embed.manifest import fingerprint, load_manifest
 from akidb_embed.workmem import CostModel, ModelShape, PeakMeter, fit, read_shape
 from akidb_embed_client import errors
-from daemon_process import Daemon, run_daemon, wait_for
+from daemon_process import SEEDED_TUNING, Daemon, run_daemon, wait_for
 from fortunes import fortune_sentences
 
 MB = 1 << 20
@@ -71,7 +71,8 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def seed_understated(tmp_path: Path, catalog: Path, model_ids: tuple[str, ...]) -> Path:
     """A state dir remembering, for each id, a measurement that badly under-states the attention
     model (1 MiB of weights, 64 MiB of work, a cost model that lets any batch in), as a stale one would."""
-    wrong = {"weights": MB, "work": 64 * MB, "peak": 0, "token_bytes": 1.0, "pair_bytes": 1.0, "work_mb": 0}
+    wrong = {"weights": MB, "work": 64 * MB, "peak": 0, "token_bytes": 1.0, "pair_bytes": 1.0, "work_mb": 0,
+             "tuning": SEEDED_TUNING}
     digest = fingerprint(load_manifest(catalog / f"{model_ids[0]}.toml"))
     records = {m: {"fingerprint": digest, "footprint": 65 * MB, "memory": wrong} for m in model_ids}
     state_dir = tmp_path / "state"

@@ -59,6 +59,10 @@ class AsyncClient:
         """Load a model and return its description once it is loaded. See ``Client.load``."""
         return model_of(await self._call("load", model=model, keep_alive=keep_alive))
 
+    async def tune(self, model: str) -> dict[str, Any]:
+        """Measure a model's memory and speed settings again and reload it. See ``Client.tune``."""
+        return model_of(await self._call("tune", model=model))
+
     async def unload(self, model: str) -> dict[str, Any]:
         """Unload a model and return its description. See ``Client.unload``."""
         return model_of(await self._call("unload", model=model))

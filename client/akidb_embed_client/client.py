@@ -174,6 +174,10 @@ class Client:
         """Undo ``pin``: the model's keep-alive and eviction apply again."""
         return model_of(self._call("unpin", model=model))
 
+    def tune(self, model: str) -> dict[str, Any]:
+        """Measure the model's memory and speed settings again on this machine, reload it with them, return its description."""
+        return model_of(self._call("tune", model=model))
+
     def status(self) -> dict[str, Any]:
         """The daemon's status."""
         return self._call("status").result

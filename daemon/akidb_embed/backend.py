@@ -167,6 +167,7 @@ class OnnxBackend:
         chain = provider_chain(providers, ort.get_available_providers(), engine_cache, memory)
         self.session = create_session(model, chain, options)
         self.providers = self.session.get_providers()
+        self.threads = intra_op_threads  # 0: ONNX Runtime's choice
         self.run_options = run_options(self.providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
         unknown = [name for name in self.inputs if name not in FEEDABLE_INPUTS]

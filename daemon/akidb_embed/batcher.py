@@ -28,15 +28,10 @@ from .footprint import Footprint
 from .memory import MIB, trim_heap
 from .settings import Limits
 from .tokenize import TextEncoder, Tokens
-from .workmem import GUARD, METER, Reading
+from .workmem import GUARD, METER, BatchRule, Reading
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-# The fixed cost of one inference batch in tokens of compute (a run's overhead on a CPU is a few
-# tokens' worth; a GPU kernel launch sequence is worth hundreds), deciding when padding pays.
-CPU_BATCH_COST_TOKENS = 16
-GPU_BATCH_COST_TOKENS = 1024
 # A model idle this long hands its batches' memory back. Not after every batch: the next request
 # of a burst would fault all of it in again.
 IDLE_TRIM_SECONDS = 1.0
@@ -86,12 +81,14 @@ class Batcher:
     ) -> None:
         self.name = name
         self.dimension = dimension
-        self.batch_cost_tokens = CPU_BATCH_COST_TOKENS if backend.providers[0] == CPU else GPU_BATCH_COST_TOKENS
+        tuning = footprint.tuning  # measured for this model on this machine
+        self.batch_cost_tokens = tuning.run_cost_tokens
+        self.rule = BatchRule(limits.max_batch, min(limits.batch_tokens, tuning.batch_tokens), footprint.cost, footprint.work)
         self.encoder = encoder
         self.backend = backend
         self.pooling = pooling_mode
         self.limits = limits
-        self.cost, self.work = footprint.cost, footprint.work
+        self.work = footprint.work
         self.peak_seen = 0  # bytes: the largest batch measured running alone
         self.loop = loop
         self._jobs: deque[Job] = deque()
@@ -177,7 +174,7 @@ class Batcher:
         outputs = {j: np.empty((len(job.texts), self.dimension), np.float32) for j, job in enumerate(live)}
         rows.sort(key=lambda r: len(r.tokens.ids))
         lengths = [len(r.tokens.ids) for r in rows]
-        for start, stop in cut_batches(lengths, self._fits, self.batch_cost_tokens):
+        for start, stop in cut_batches(lengths, self.rule.fits, self.batch_cost_tokens):
             self._run_batch(rows[start:stop], outputs, failed)
             GUARD.after_batch()
         runnable = {r.job for r in rows}
@@ -185,14 +182,6 @@ class Batcher:
             if j in runnable:
                 settled.append((job, failed.get(j) or self._finish(job, outputs[j])))
         self._settle(settled)
-
-    def _fits(self, rows: int, length: int) -> bool:
-        """Whether a batch of ``rows`` texts padded to ``length`` tokens stays within the limits and the budget."""
-        return (
-            rows <= self.limits.max_batch
-            and rows * length <= self.limits.batch_tokens
-            and self.cost.batch_bytes(rows, length) <= self.work
-        )
 
     def _tokenize(self, jobs: list[Job]) -> tuple[list[_Row], list[tuple[Job, EmbedError]]]:
         """Rows to run, and the jobs refused for an input over max_length with truncate off."""

@@ -32,6 +32,7 @@ MODEL_OPS = {
     "unload": "unload a model (it loads again on its next use)",
     "pin": "keep a model loaded until unpinned",
     "unpin": "let the daemon unload a pinned model again",
+    "tune": "measure a model's threads and batch cut again on this machine and reload it with them",
 }
 # status shows memory first, these in this order; the rest follow in the daemon's order
 STATUS_FIRST = ("memory.source", "memory.pressure", "memory.used", "memory.available", "memory.total")
@@ -46,7 +47,7 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     connection.add_argument(
         "--timeout", metavar="S", type=float,
-        help=f"seconds to wait for each try (default: {DEFAULT_TIMEOUT:g}; {LOAD_TIMEOUT:g} for load)",
+        help=f"seconds to wait for each try (default: {DEFAULT_TIMEOUT:g}; {LOAD_TIMEOUT:g} for load and tune)",
     )
     connection.add_argument("--json", action="store_true", help="print JSON instead of a table")
     keeping = argparse.ArgumentParser(add_help=False)
@@ -136,7 +137,8 @@ def model_command(args: argparse.Namespace) -> int:
     """Load, unload, pin or unpin a model and print a line about it."""
     if args.op == "load":
         return _show(args, lambda client: client.load(args.model, args.keep_alive), model_summary, LOAD_TIMEOUT)
-    return _show(args, lambda client: getattr(client, args.op)(args.model), model_summary)
+    timeout = LOAD_TIMEOUT if args.op == "tune" else DEFAULT_TIMEOUT  # tune answers once reloaded
+    return _show(args, lambda client: getattr(client, args.op)(args.model), model_summary, timeout)
 
 
 @_exit_codes
@@ -171,6 +173,8 @@ def model_summary(m: dict[str, Any]) -> str:
         "load -" if m.get("load_ms") is None else f"load {m['load_ms']:.0f} ms",
         "keep-alive " + ("-" if keep_alive is None else "forever" if keep_alive < 0 else f"{keep_alive:g}s"),
     ]
+    if m.get("threads") is not None:
+        parts.append(f"{m['threads'] or 'auto'} threads, batches up to {m['batch_tokens']} tokens")
     return ", ".join(parts) + (f"; error: {m['error']}" if m.get("error") else "")
 
 

@@ -80,6 +80,12 @@ class Engine:
         await self.registry.load(entry)
         return {"model": self.describe(entry)}, None
 
+    async def tune(self, fields: dict[str, Any]) -> Outcome:
+        """Measure a model's footprint and speed settings again and serve it with them."""
+        entry = self.registry.entry(fields["model"])
+        await self.registry.retune(entry)
+        return {"model": self.describe(entry)}, None
+
     def unpin(self, fields: dict[str, Any]) -> Outcome:
         entry = self.registry.entry(fields["model"])
         self.registry.pin(entry, False)
@@ -144,6 +150,8 @@ class Engine:
                 batches=model.batcher.batches_run, keep_alive=model.keep_alive,
                 memory_mb=round(self.registry.footprint(entry) / MIB, 1), memory_source="measured",
                 weights_mb=_mb(model.footprint.weights), work_mb=_mb(model.footprint.work), peak_mb=_mb(model.peak),
+                threads=model.backend.threads, run_cost_tokens=model.batcher.batch_cost_tokens,
+                batch_tokens=model.batcher.rule.max_tokens,
             )  # fmt: skip
         return info
 

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .backend import BackendError
+from .backend import BackendError, DeviceMemory, OnnxBackend
 from .memory import MIB, peak_rss, process_rss, release_memory, reset_peak_rss, tune_malloc
 from .tokenize import Padded
-from .workmem import CostModel, ModelShape, fit, read_shape
+from .tuning import Tuning, tune
+from .workmem import BatchRule, CostModel, ModelShape, fit, read_shape
 
 AUTO_FLOOR_MB = 64  # automatic budget: one text of max_length, and at least this (for batches of short texts)
 SHORT_TOKENS = 16  # a short text: batches of many rows
@@ -43,6 +46,12 @@ class Footprint:
     token_bytes: float
     pair_bytes: float
     work_mb: int  # the setting it was measured for (0: automatic)
+    tuning: Tuning  # threads and batch cut, measured with it
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Footprint:
+        """From ``asdict``'s form (the child's answer, the state file); TypeError if fields are missing."""
+        return cls(**{**data, "tuning": Tuning(**data["tuning"])}) if "tuning" in data else cls(**data)
 
     @property
     def charge(self) -> int:
@@ -65,7 +74,9 @@ class Request:
     work_mb: int  # 0: automatic
     max_batch: int
     batch_tokens: int
-    intra_op_threads: int
+    intra_op_threads: int  # the setting: 0 tunes it
+    providers: tuple[str, ...] = ("cpu",)  # the chain the model will run on: tuning times it there
+    engine_cache: str = "."
 
 
 def measure_in_child(request: Request) -> Footprint:
@@ -77,14 +88,13 @@ def measure_in_child(request: Request) -> Footprint:
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
         raise BackendError(lines[-1])
-    return Footprint(**json.loads(done.stdout))
+    return Footprint.from_dict(json.loads(done.stdout))
 
 
 def measure(request: Request) -> Footprint:
     """The measurement itself (in the child): weights, cost model, budget, worst allowed batches."""
     import onnxruntime  # noqa: F401  (the runtime is the daemon's, imported at its start: not the model's)
 
-    from .backend import DeviceMemory, OnnxBackend
     from .tokenize import TextEncoder
 
     baseline = process_rss()
@@ -122,7 +132,19 @@ def measure(request: Request) -> Footprint:
         cost, peak = _settle_worst_batches(run, samples, cost, length, work, request)
     else:
         peak = one
-    return Footprint(weights, work, max(one, peak), cost.token_bytes, cost.pair_bytes, request.work_mb)
+    del backend
+    rule = BatchRule(request.max_batch, request.batch_tokens, cost, work)
+    tuning = _tune(request, longest, rule, DeviceMemory(weights + max(work, peak), work))
+    return Footprint(weights, work, max(one, peak), cost.token_bytes, cost.pair_bytes, request.work_mb, tuning)
+
+
+def _tune(request: Request, longest: list[int], rule: BatchRule, memory: DeviceMemory) -> Tuning:
+    """Threads and batch cut timed on the model's own provider chain, within the budget just settled."""
+
+    def session_with(threads: int) -> OnnxBackend:
+        return OnnxBackend(Path(request.model), request.providers, Path(request.engine_cache), memory, threads)
+
+    return tune(session_with, longest, rule.fits, request.intra_op_threads, request.batch_tokens)
 
 
 def _settle_worst_batches(
@@ -171,12 +193,14 @@ def _shape_from_dimension(dimension: int) -> ModelShape:
 
 def main(argv: list[str]) -> int:
     tune_malloc()  # as the daemon does: the same heap behaviour
+    answer = os.fdopen(os.dup(1), "w")  # stdout carries the answer alone: ONNX Runtime prints provider errors there
+    os.dup2(2, 1)
     try:
         footprint = measure(Request(**json.loads(argv[1])))
     except Exception as exc:  # the parent shows the last stderr line as the load error: one line
         print(" ".join(str(exc).split()) or type(exc).__name__, file=sys.stderr)
         return 1
-    print(json.dumps(asdict(footprint)))
+    print(json.dumps(asdict(footprint)), file=answer, flush=True)
     return 0
 
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .backend import BackendError, DeviceMemory, OnnxBackend
 from .batcher import Batcher
@@ -86,36 +87,44 @@ def load_model(
     digest = _fingerprint(manifest)
     encoder = _text_encoder(manifest)
     footprint = known.get(digest)
-    if footprint is None or footprint.work_mb != work_setting(manifest, settings):
-        footprint = _measure(manifest, settings)
+    if footprint is None or (footprint.work_mb, footprint.tuning.threads_setting) != (
+        work_setting(manifest, settings), settings.intra_op_threads):
+        footprint = _measure(manifest, settings, digest)
     with METER.measure():  # a load blurs the peak of any batch running meanwhile
         backend = OnnxBackend(
             manifest.model,
             manifest.providers or settings.providers,
-            settings.cache_dir / "tensorrt" / digest,
+            _engine_cache(settings, digest),
             DeviceMemory(footprint.charge, footprint.work),
-            settings.intra_op_threads,
+            footprint.tuning.threads,
         )
         _warm_up(manifest, encoder, backend)
         release_memory()  # what parsing the model file left on the heap
     batcher = Batcher(manifest.id, encoder, backend, manifest.pooling, manifest.dimension, settings.limits, footprint, loop)
     seconds = time.perf_counter() - started
     log.info(
-        "model %s: loaded in %.0f ms on %s; weights %.0f MiB, working budget %.0f MiB, worst batch %.0f MiB (fingerprint %s)",
+        "model %s: loaded in %.0f ms on %s; weights %.0f MiB, working budget %.0f MiB, worst batch %.0f MiB; "
+        "%d threads, run cost %d tokens, batches up to %d tokens (fingerprint %s)",
         manifest.id, seconds * 1e3, backend.providers[0], footprint.weights / MIB, footprint.work / MIB,
-        footprint.peak / MIB, digest,
+        footprint.peak / MIB, footprint.tuning.threads, footprint.tuning.run_cost_tokens, batcher.rule.max_tokens, digest,
     )  # fmt: skip
     return LoadedModel(manifest, digest, backend, batcher, seconds, footprint, keep_alive)
 
 
-def _measure(manifest: Manifest, settings: Settings) -> Footprint:
+def _measure(manifest: Manifest, settings: Settings, digest: str) -> Footprint:
     limits = settings.limits
     request = Request(
         str(manifest.model), str(manifest.tokenizer), manifest.max_length, manifest.padding_side, manifest.dimension,
         work_setting(manifest, settings), limits.max_batch, limits.batch_tokens, settings.intra_op_threads,
+        tuple(manifest.providers or settings.providers), str(_engine_cache(settings, digest)),
     )  # fmt: skip
-    log.info("model %s: measuring its memory (first load of this version)", manifest.id)
+    log.info("model %s: measuring its memory and speed settings (first load of this version)", manifest.id)
     return measure_in_child(request)
+
+
+def _engine_cache(settings: Settings, digest: str) -> Path:
+    """Where TensorRT keeps this model version's engines and timing cache."""
+    return settings.cache_dir / "tensorrt" / digest
 
 
 def _fingerprint(manifest: Manifest) -> str:

@@ -168,6 +168,19 @@ class Registry:
         log.info("model %s: unloading (%s)", entry.id, reason)
         return self._unload(entry)
 
+    async def retune(self, entry: Entry) -> None:
+        """Measure the model's footprint and speed settings again and load it with them (a swap if loaded)."""
+        await self.load(entry)  # its fingerprint is known once loaded
+        while entry.loading is not None:  # a swap under way would keep the old figures
+            await asyncio.shield(entry.loading)
+        digest = entry.model.fingerprint
+        for record in self.store.state.models.values():
+            if record.fingerprint == digest:
+                record.memory = {}
+        log.info("model %s: tuning again on request", entry.id)
+        self._start_load(entry)
+        await asyncio.shield(entry.loading)
+
     def pin(self, entry: Entry, pinned: bool) -> None:
         entry.pinned = pinned
         self.store.record(entry.id).pinned = pinned
@@ -245,8 +258,8 @@ class Registry:
         known = {}
         for record in self.store.state.models.values():
             try:
-                known[record.fingerprint] = Footprint(**record.memory)
-            except TypeError:  # none yet, or written by another version: measured again
+                known[record.fingerprint] = Footprint.from_dict(record.memory)
+            except (TypeError, KeyError):  # none yet, or written by another version: measured again
                 continue
         return known
 
@@ -309,8 +322,9 @@ class Registry:
     def _close(self, model: LoadedModel) -> asyncio.Future:
         """Close on the loader thread (after loads queued before it), remembering the peak it reached."""
         record = self.store.record(model.manifest.id)
-        if record.fingerprint == model.fingerprint:
-            self._remember(record, model)
+        current = self.entries.get(model.manifest.id)
+        if record.fingerprint == model.fingerprint and (current is None or current.model in (None, model)):
+            self._remember(record, model)  # not a version swapped out: that would undo the new one's figures
         return asyncio.get_running_loop().run_in_executor(self._loader, model.close)
 
     def book_charges(self) -> int:

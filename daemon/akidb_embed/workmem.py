@@ -78,6 +78,20 @@ class CostModel:
         return budget // one if one else 1 << 30
 
 
+@dataclass(frozen=True)
+class BatchRule:
+    """Which batches may run: within the row and padded-token limits and the working-memory budget."""
+
+    max_rows: int
+    max_tokens: int
+    cost: CostModel
+    work: int  # bytes
+
+    def fits(self, rows: int, length: int) -> bool:
+        """Whether ``rows`` texts padded to ``length`` tokens make an allowed batch."""
+        return rows <= self.max_rows and rows * length <= self.max_tokens and self.cost.batch_bytes(rows, length) <= self.work
+
+
 def fit(samples: list[tuple[int, int, int]]) -> CostModel:
     """Coefficients from measured ``(rows, length, peak bytes)``, scaled so no sample is under-predicted."""
     terms = np.array([(r * n, r * n * n) for r, n, _ in samples], dtype=np.float64)

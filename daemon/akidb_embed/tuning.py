@@ -1,0 +1,104 @@
+"""Speed settings of one model on this machine: ONNX Runtime's intra-op threads and the batch cut.
+
+Measured at the first load of a fingerprint (in the footprint child, after its memory) or on
+request (``akidb-embed tune``), and stored with the footprint, because what suits one CPU does
+not suit another: the thread count that runs a batch fastest, the fixed cost of one run (which
+decides when padding rows to a longer text pays: a few tokens' worth on a CPU, hundreds on a
+GPU), and the batch size past which a larger batch runs each token slower (caches overflow).
+Every batch measured here fits the model's working-memory budget: ``fits`` is the batcher's own rule.
+Timings are the fastest of a few repeats, since other work on the machine only ever adds time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import OnnxBackend
+from .tokenize import Padded
+
+SHORT_TOKENS = 16  # one short text: the latency case
+BULK_TOKENS = 32  # rows of a bulk batch: typical sentences
+BULK_ROWS = 32
+SCALE_ROWS = (1, 4, 16, 64)  # batches of short texts whose times separate a run's fixed cost from its per-token cost
+# A larger batch this much slower per token than the best is not worth making. Not less: on a
+# busy machine single timings of one shape scatter by 10-20 %, and a false cut costs throughput.
+SLOWER = 1.25
+REPEAT_SECONDS = 0.25  # time spent on repeats of one shape (at least MIN_REPEATS)
+MIN_REPEATS, MAX_REPEATS = 2, 7
+
+Fits = Callable[[int, int], bool]  # (rows, padded length) -> within the limits and the working budget
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the batcher runs a model here."""
+
+    threads: int  # ONNX Runtime intra-op threads (0: its own choice)
+    run_cost_tokens: int  # a run's fixed cost, in tokens of compute
+    batch_tokens: int  # padded tokens of one batch beyond which the rate per token drops
+    threads_setting: int  # the configured intra_op_threads it was tuned for (0: automatic)
+
+
+def tune(session_with: Callable[[int], OnnxBackend], token_ids: list[int], fits: Fits, threads_setting: int,
+         batch_tokens: int) -> Tuning:
+    """Measure and choose; ``session_with(threads)`` builds the model's session, ``token_ids`` is one long text."""
+    candidates = thread_candidates(_cores()) if threads_setting == 0 else [threads_setting]
+    timed = [(threads, _score(session_with(threads), token_ids, fits)) for threads in candidates]
+    best = [min(score[i] for _, score in timed) for i in range(2)]
+    # Single-text latency and bulk time weigh alike, each against the best any thread count reached.
+    threads = min(timed, key=lambda item: sum(t / b for t, b in zip(item[1], best)))[0]
+    backend = session_with(threads)
+    run_cost, best_batch = _batch_costs(backend, token_ids, fits)
+    threads = threads if backend.providers[0] == "CPUExecutionProvider" else threads_setting
+    return Tuning(threads, run_cost, min(batch_tokens, best_batch), threads_setting)
+
+
+def thread_candidates(cores: int) -> list[int]:
+    """1, the powers of two below the core count, half of it and all of it."""
+    powers = {1 << i for i in range(cores.bit_length()) if 1 << i <= cores}
+    return sorted(powers | {max(1, cores // 2), cores})
+
+
+def _cores() -> int:
+    """Cores this process may run on (a cgroup or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+
+
+def _score(backend: OnnxBackend, token_ids: list[int], fits: Fits) -> tuple[float, float]:
+    """Seconds of one short text and of one bulk batch."""
+    rows = max(1, max((r for r in range(1, BULK_ROWS + 1) if fits(r, BULK_TOKENS)), default=1))
+    return _fastest(backend, token_ids, 1, SHORT_TOKENS), _fastest(backend, token_ids, rows, BULK_TOKENS)
+
+
+def _batch_costs(backend: OnnxBackend, token_ids: list[int], fits: Fits) -> tuple[int, int]:
+    """A run's fixed cost in tokens (least squares over batch sizes) and the padded size with the best rate."""
+    shapes = [rows for rows in SCALE_ROWS if fits(rows, SHORT_TOKENS)]
+    tokens = np.array([rows * SHORT_TOKENS for rows in shapes], dtype=np.float64)
+    seconds = np.array([_fastest(backend, token_ids, rows, SHORT_TOKENS) for rows in shapes])
+    per_token, fixed = np.polyfit(tokens, seconds, 1) if len(shapes) > 1 else (seconds[0] / tokens[0], 0.0)
+    run_cost = int(round(max(0.0, fixed) / per_token)) if per_token > 0 else 0
+    rates = seconds / tokens
+    # The largest batch still within SLOWER of the best rate: bigger ones only add time per token.
+    best = max(int(n) for n, rate in zip(tokens, rates) if rate <= rates.min() * SLOWER)
+    unbounded = rates[-1] <= rates.min() * SLOWER  # the largest measured is as good: no cut of our own
+    return run_cost, (1 << 62) if unbounded else best
+
+
+def _fastest(backend: OnnxBackend, token_ids: list[int], rows: int, length: int) -> float:
+    """The fastest of a few runs of ``rows`` texts of ``length`` tokens, in seconds."""
+    ids = np.array([token_ids[:length]] * rows, dtype=np.int64)
+    batch = Padded(ids, np.ones_like(ids))
+    backend.run(batch)  # the first run of a shape allocates and plans
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < MIN_REPEATS or (spent < REPEAT_SECONDS and len(times) < MAX_REPEATS):
+        started = time.perf_counter()
+        backend.run(batch)
+        times.append(time.perf_counter() - started)
+        spent += times[-1]
+    return min(times)
