@@ -25,9 +25,10 @@ SHORT_TOKENS = 16  # one short text: the latency case
 BULK_TOKENS = 32  # rows of a bulk batch: typical sentences
 BULK_ROWS = 32
 SCALE_ROWS = (1, 4, 16, 64)  # batches of short texts whose times separate a run's fixed cost from its per-token cost
-# A larger batch this much slower per token than the best is not worth making. Not less: on a
-# busy machine single timings of one shape scatter by 10-20 %, and a false cut costs throughput.
-SLOWER = 1.25
+# Larger batches this much slower per token than the best are not worth making. Not less: on a
+# busy 2-core VM the fastest of several runs still scattered by up to 1.4x between tunings, and a
+# false cut costs throughput for good.
+SLOWER = 1.5
 REPEAT_SECONDS = 0.25  # time spent on repeats of one shape (at least MIN_REPEATS)
 MIN_REPEATS, MAX_REPEATS = 2, 7
 
@@ -69,36 +70,50 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
 
 
-def _score(backend: OnnxBackend, token_ids: list[int], fits: Fits) -> tuple[float, float]:
+def _score(backend: OnnxBackend, token_ids: list[int], fits: Fits) -> list[float]:
     """Seconds of one short text and of one bulk batch."""
-    rows = max(1, max((r for r in range(1, BULK_ROWS + 1) if fits(r, BULK_TOKENS)), default=1))
-    return _fastest(backend, token_ids, 1, SHORT_TOKENS), _fastest(backend, token_ids, rows, BULK_TOKENS)
+    rows = max((r for r in range(1, BULK_ROWS + 1) if fits(r, BULK_TOKENS)), default=1)
+    return _fastest(backend, token_ids, [(1, SHORT_TOKENS), (rows, BULK_TOKENS)])
 
 
 def _batch_costs(backend: OnnxBackend, token_ids: list[int], fits: Fits) -> tuple[int, int]:
-    """A run's fixed cost in tokens (least squares over batch sizes) and the padded size with the best rate."""
+    """A run's fixed cost in tokens and the padded size past which batches run slower per token."""
     shapes = [rows for rows in SCALE_ROWS if fits(rows, SHORT_TOKENS)]
     tokens = np.array([rows * SHORT_TOKENS for rows in shapes], dtype=np.float64)
-    seconds = np.array([_fastest(backend, token_ids, rows, SHORT_TOKENS) for rows in shapes])
-    per_token, fixed = np.polyfit(tokens, seconds, 1) if len(shapes) > 1 else (seconds[0] / tokens[0], 0.0)
-    run_cost = int(round(max(0.0, fixed) / per_token)) if per_token > 0 else 0
+    seconds = np.array(_fastest(backend, token_ids, [(rows, SHORT_TOKENS) for rows in shapes]))
+    if len(shapes) < 2:
+        return 0, 1 << 62
+    # The two smallest batches: what padding competes with is one more small run.
+    per_token = max(1e-12, (seconds[1] - seconds[0]) / (tokens[1] - tokens[0]))
+    run_cost = int(round(max(0.0, seconds[0] - tokens[0] * per_token) / per_token))
     rates = seconds / tokens
-    # The largest batch still within SLOWER of the best rate: bigger ones only add time per token.
-    best = max(int(n) for n, rate in zip(tokens, rates) if rate <= rates.min() * SLOWER)
-    unbounded = rates[-1] <= rates.min() * SLOWER  # the largest measured is as good: no cut of our own
-    return run_cost, (1 << 62) if unbounded else best
+    slow = rates > rates.min() * SLOWER
+    if len(shapes) < 3 or not (slow[-1] and slow[-2]):  # one slow figure may be noise: never cut on it
+        return run_cost, 1 << 62
+    return run_cost, max(int(n) for n, is_slow in zip(tokens, slow) if not is_slow)
 
 
-def _fastest(backend: OnnxBackend, token_ids: list[int], rows: int, length: int) -> float:
-    """The fastest of a few runs of ``rows`` texts of ``length`` tokens, in seconds."""
+def _fastest(backend: OnnxBackend, token_ids: list[int], shapes: list[tuple[int, int]]) -> list[float]:
+    """The fastest run, in seconds, of each ``(rows, length)`` batch.
+
+    The shapes take turns round after round, so a burst of other work on the machine slows
+    them alike instead of making one look slower than it is.
+    """
+    batches = [_batch(token_ids, rows, length) for rows, length in shapes]
+    for batch in batches:
+        backend.run(batch)  # the first run of a shape allocates and plans
+    fastest = [float("inf")] * len(batches)
+    rounds, spent = 0, 0.0
+    while rounds < MIN_REPEATS or (spent < REPEAT_SECONDS * len(batches) and rounds < MAX_REPEATS):
+        for i, batch in enumerate(batches):
+            started = time.perf_counter()
+            backend.run(batch)
+            took = time.perf_counter() - started
+            fastest[i], spent = min(fastest[i], took), spent + took
+        rounds += 1
+    return fastest
+
+
+def _batch(token_ids: list[int], rows: int, length: int) -> Padded:
     ids = np.array([token_ids[:length]] * rows, dtype=np.int64)
-    batch = Padded(ids, np.ones_like(ids))
-    backend.run(batch)  # the first run of a shape allocates and plans
-    times: list[float] = []
-    spent = 0.0
-    while len(times) < MIN_REPEATS or (spent < REPEAT_SECONDS and len(times) < MAX_REPEATS):
-        started = time.perf_counter()
-        backend.run(batch)
-        times.append(time.perf_counter() - started)
-        spent += times[-1]
-    return min(times)
+    return Padded(ids, np.ones_like(ids))
