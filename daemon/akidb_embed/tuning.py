@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import OnnxBackend
+from .backend import ORT_NAMES, OnnxBackend
 from .tokenize import Padded
 
 SHORT_TOKENS = 16  # one short text: the latency case
@@ -49,13 +49,15 @@ def tune(session_with: Callable[[int], OnnxBackend], token_ids: list[int], fits:
          batch_tokens: int) -> Tuning:
     """Measure and choose; ``session_with(threads)`` builds the model's session, ``token_ids`` is one long text."""
     candidates = thread_candidates(_cores()) if threads_setting == 0 else [threads_setting]
-    timed = [(threads, _score(session_with(threads), token_ids, fits)) for threads in candidates]
-    best = [min(score[i] for _, score in timed) for i in range(2)]
-    # Single-text latency and bulk time weigh alike, each against the best any thread count reached.
-    threads = min(timed, key=lambda item: sum(t / b for t, b in zip(item[1], best)))[0]
+    threads = candidates[0]
     backend = session_with(threads)
+    if backend.providers[0] != ORT_NAMES["cpu"]:  # a GPU runs the model: CPU threads only feed it, there is nothing to choose
+        threads = threads_setting
+    elif len(candidates) > 1:
+        del backend  # one session at a time: a large model's weights fit once, perhaps not twice
+        threads = _fastest_threads(session_with, candidates, token_ids, fits)
+        backend = session_with(threads)
     run_cost, best_batch = _batch_costs(backend, token_ids, fits)
-    threads = threads if backend.providers[0] == "CPUExecutionProvider" else threads_setting
     return Tuning(threads, run_cost, min(batch_tokens, best_batch), threads_setting)
 
 
@@ -68,6 +70,14 @@ def thread_candidates(cores: int) -> list[int]:
 def _cores() -> int:
     """Cores this process may run on (a cgroup or taskset may allow fewer than the machine has)."""
     return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+
+
+def _fastest_threads(session_with: Callable[[int], OnnxBackend], candidates: list[int], token_ids: list[int],
+                     fits: Fits) -> int:
+    """The thread count that runs a short text and a bulk batch fastest, the two weighing alike."""
+    timed = [(threads, _score(session_with(threads), token_ids, fits)) for threads in candidates]
+    best = [min(score[i] for _, score in timed) for i in range(2)]
+    return min(timed, key=lambda item: sum(t / b for t, b in zip(item[1], best)))[0]
 
 
 def _score(backend: OnnxBackend, token_ids: list[int], fits: Fits) -> list[float]:
