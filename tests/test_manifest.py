@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from akidb_embed import settings as settings_module
-from akidb_embed.manifest import Manifest, ManifestError, fingerprint, load_manifest
+from akidb_embed.manifest import Conversion, Manifest, ManifestError, fingerprint, load_manifest
 from akidb_embed.settings import DEFAULT_SOCKET, SOCKET_ENV, Limits, Settings, SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +119,7 @@ def test_minimal_manifest_round_trips_with_paths_relative_to_its_folder(tmp_path
     )
     assert (manifest.normalize, manifest.padding_side, manifest.enabled, manifest.default) == (True, "right", True, False)
     assert manifest.providers is None
+    assert (manifest.precision, manifest.conversion) == ("fp32", None)
     assert load_manifest(path) == manifest  # the registry compares manifests to notice changes
 
 
@@ -142,6 +143,8 @@ def test_full_manifest_round_trips(tmp_path: Path) -> None:
         "default": True,
         "enabled": False,
         "providers": ["cuda", "cpu"],
+        "precision": "fp16",
+        "conversion": {"source": "../src/mini", "fuse": False},  # relative: from the manifest's folder
     }
     path = write_manifest(tmp_path, **fields)
     manifest = load_manifest(path)
@@ -151,11 +154,12 @@ def test_full_manifest_round_trips(tmp_path: Path) -> None:
     assert manifest.languages == ("en", "de")
     assert manifest.providers == ("cuda", "cpu")
     assert manifest.prompts == {"query": "query: ", "passage": "passage: "}
+    assert manifest.conversion == Conversion((tmp_path / "src" / "mini").resolve(), fuse=False)
     assert manifest.describe() == {
         "id": "mini", "name": "org/Mini-Model", "family": "minilm", "params": 22713216, "dimension": 8,
         "max_length": 32, "pooling": "last_token", "normalize": False, "prompts": ["passage", "query"],
         "matryoshka_dimensions": [2, 4], "memory_mb": 220, "languages": ["en", "de"], "multilingual": True,
-        "license": "apache-2.0", "default": True, "enabled": False,
+        "license": "apache-2.0", "default": True, "enabled": False, "precision": "fp16",
     }
 
 
@@ -207,6 +211,8 @@ def test_unknown_field(tmp_path: Path) -> None:
         ("prompts", "query: ", "str"),
         ("matryoshka_dimensions", 64, "int"),
         ("providers", "cpu", "str"),
+        ("precision", 16, "int"),
+        ("conversion", "/models/src", "str"),
     ],
 )
 def test_wrong_type(tmp_path: Path, field: str, value: Any, got: str) -> None:
@@ -260,6 +266,23 @@ def test_languages_must_be_strings(tmp_path: Path) -> None:
 
 def test_unknown_provider(tmp_path: Path) -> None:
     assert_refused(write_manifest(tmp_path, providers=["cuda", "rocm"]), "provider 'rocm'", "tensorrt, cuda, cpu")
+
+
+def test_unknown_precision(tmp_path: Path) -> None:
+    assert_refused(write_manifest(tmp_path, precision="bf16"), "precision 'bf16'", "fp32, int8, fp16")
+
+
+@pytest.mark.parametrize(
+    ("conversion", "fragments"),
+    [
+        ({"fuse": True}, ("[conversion] needs `source`",)),
+        ({"source": "/m", "quantize": "int8"}, ("unknown key 'quantize' in [conversion]", "source, fuse")),
+        ({"source": "/m", "fuse": "yes"}, ("[conversion] fuse must be a bool, not str",)),
+        ({"source": 5}, ("[conversion] source must be a str, not int",)),
+    ],
+)
+def test_bad_conversion_table(tmp_path: Path, conversion: dict, fragments: tuple[str, ...]) -> None:
+    assert_refused(write_manifest(tmp_path, conversion=conversion), *fragments)
 
 
 # --- prompts -----------------------------------------------------------------------------------------

@@ -17,11 +17,23 @@ from .tomlcompat import tomllib
 POOLINGS = ("mean", "cls", "last_token")
 PADDING_SIDES = ("right", "left")
 PROVIDERS = ("tensorrt", "cuda", "cpu")
+PRECISIONS = ("fp32", "int8", "fp16")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ManifestError(ValueError):
     """A manifest that cannot be used; the message says why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """How ``akidb-embed convert`` made the model (the ``[conversion]`` table), so that ``convert --again`` redoes it.
+
+    The other settings it needs (precision, max_length, pooling) are the manifest's own fields.
+    """
+
+    source: Path  # the sentence-transformers / HF model folder
+    fuse: bool = True
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,8 @@ class Manifest:
     providers: tuple[str, ...] | None = None
     pinned: bool = False  # loaded at start and never evicted
     keep_alive: float | None = None  # idle seconds before unloading; None: the daemon's default
+    precision: str = "fp32"  # of the weights: fp16 graphs are for GPU providers only
+    conversion: Conversion | None = None
 
     def resolve_prompt(self, prompt: str | None) -> str:
         """The text prefixed to each input: a named prompt, a literal prefix, or the default."""
@@ -77,6 +91,7 @@ class Manifest:
             "license": self.license,
             "default": self.default,
             "enabled": self.enabled,
+            "precision": self.precision,
         }
 
 
@@ -106,7 +121,11 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "providers": ((list,), False),
     "pinned": ((bool,), False),
     "keep_alive": ((int, float), False),
+    "precision": ((str,), False),
+    "conversion": ((dict,), False),
 }
+# [conversion] key -> accepted type
+_CONVERSION_FIELDS: dict[str, type] = {"source": str, "fuse": bool}
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -124,10 +143,11 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
     """Validate manifest data read from ``path`` (relative file paths resolve against its folder)."""
     _check_types(data, path)
     manifest = Manifest(
-        **{k: v for k, v in data.items() if k not in ("model", "tokenizer")},
+        **{k: v for k, v in data.items() if k not in ("model", "tokenizer", "conversion")},
         path=path,
         model=_resolve(path, data["model"]),
         tokenizer=_resolve(path, data["tokenizer"]),
+        conversion=_conversion(data["conversion"], path) if "conversion" in data else None,
     )
     manifest = _normalize_sequences(manifest)
     _check_values(manifest)
@@ -148,6 +168,20 @@ def _check_types(data: dict[str, Any], path: Path) -> None:
             raise ManifestError(f"{path}: field {name!r} must be a {types[0].__name__}, not {type(value).__name__}")
 
 
+def _conversion(table: dict[str, Any], path: Path) -> Conversion:
+    """The [conversion] table: ``source`` (required) and ``fuse``."""
+    for key, value in table.items():
+        wanted = _CONVERSION_FIELDS.get(key)
+        if wanted is None:
+            known = ", ".join(_CONVERSION_FIELDS)
+            raise ManifestError(f"{path}: unknown key {key!r} in [conversion]; known keys: {known}")
+        if not isinstance(value, wanted):
+            raise ManifestError(f"{path}: [conversion] {key} must be a {wanted.__name__}, not {type(value).__name__}")
+    if "source" not in table:
+        raise ManifestError(f"{path}: [conversion] needs `source`, the model folder it was converted from")
+    return Conversion(_resolve(path, table["source"]), table.get("fuse", True))
+
+
 def _normalize_sequences(manifest: Manifest) -> Manifest:
     providers = tuple(manifest.providers) if manifest.providers is not None else None
     return replace(
@@ -166,6 +200,8 @@ def _check_values(m: Manifest) -> None:
         raise ManifestError(f"{where} id {m.id!r} does not match the file name; name the file {m.id}.toml")
     if m.pooling not in POOLINGS:
         raise ManifestError(f"{where} pooling {m.pooling!r} is not one of {', '.join(POOLINGS)}")
+    if m.precision not in PRECISIONS:
+        raise ManifestError(f"{where} precision {m.precision!r} is not one of {', '.join(PRECISIONS)}")
     if m.padding_side not in PADDING_SIDES:
         raise ManifestError(f"{where} padding_side {m.padding_side!r} is not one of {', '.join(PADDING_SIDES)}")
     for name in ("dimension", "max_length", "memory_mb", "work_mb", "params"):
