@@ -20,7 +20,7 @@ from akidb_embed.tomlcompat import tomllib
 
 DAEMON_DIR = Path(__file__).resolve().parents[1] / "daemon"
 # What ONNX Runtime's transformer optimizer fuses in the traced all-MiniLM-L6-v2 (6 layers).
-MINILM_FUSIONS = {"EmbedLayerNormalization": 1, "Attention": 6, "BiasGelu": 6, "SkipLayerNormalization": 12}
+MINILM_FUSIONS = {"EmbedLayerNormalization": 1, "Attention": 6, "BiasGelu": 6, "LayerNormalization": 12}
 
 
 @dataclass
@@ -70,7 +70,7 @@ def test_fp32_writes_model_tokenizer_and_a_loadable_manifest(fp32: Converted) ->
     assert m.precision == "fp32" and m.conversion == Conversion(find_minilm_source().resolve(), fuse=True)
     first_line = fp32.manifest.read_text().splitlines()[0]
     assert "fp32 parity: min cosine" in first_line
-    assert "fused: EmbedLayerNormalization x1, Attention x6, BiasGelu x6, SkipLayerNormalization x12" in first_line
+    assert "fused: EmbedLayerNormalization x1, Attention x6, BiasGelu x6, LayerNormalization x12" in first_line
     assert (fp32.out_dir / "tokenizer.json").read_bytes() == (find_minilm_source() / "tokenizer.json").read_bytes()
     assert 'model = "/' in fp32.manifest.read_text()  # outside the manifest folder: absolute
 
@@ -87,7 +87,7 @@ def test_fp32_parity_and_progress(fp32: Converted) -> None:
     assert fp32.messages[0].startswith("loading") and fp32.messages[-1] == "writing manifest"
     assert any(m.startswith("exporting") for m in fp32.messages)
     assert any(m.startswith("fusing operators") for m in fp32.messages)
-    assert "fused: EmbedLayerNormalization x1, Attention x6, BiasGelu x6, SkipLayerNormalization x12" in fp32.messages
+    assert "fused: EmbedLayerNormalization x1, Attention x6, BiasGelu x6, LayerNormalization x12" in fp32.messages
     assert not any("falling back" in m for m in fp32.messages)
     assert f"checking parity 8/{len(DEFAULT_SENTENCES)}" in fp32.messages
 
@@ -100,9 +100,10 @@ def test_onnx_graph_is_dynamic_fused_and_matches_torch(fp32: Converted) -> None:
     transformers = pytest.importorskip("transformers")
     graph = onnx.load(str(fp32.out_dir / "model.onnx"), load_external_data=False)
     assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 17
-    fused_ops = [n.op_type for n in graph.graph.node if n.domain == "com.microsoft"]
-    assert {op: fused_ops.count(op) for op in MINILM_FUSIONS} == MINILM_FUSIONS
-    assert not {"Softmax", "LayerNormalization"} & {n.op_type for n in graph.graph.node}  # all inside the fused ops
+    ops = [n.op_type for n in graph.graph.node]
+    assert {op: ops.count(op) for op in MINILM_FUSIONS} == MINILM_FUSIONS
+    # Softmax inside Attention; SkipLayerNormalization left out: Add + LayerNormalization is faster on a CPU
+    assert not {"Softmax", "SkipLayerNormalization"} & set(ops)
     session = ort.InferenceSession(str(fp32.out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
     assert all(isinstance(d, str) for i in session.get_inputs() for d in i.shape)

@@ -34,6 +34,9 @@ ORT_NAMES = {
     "cpu": "CPUExecutionProvider",
 }
 FEEDABLE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# Fusions whose CPU kernel is slower than the ops they replace: MiniLM bulk with Add + LayerNormalization
+# instead of SkipLayerNormalization ran 5 % (fp32) and 15 % (int8) faster.
+CPU_SLOWER_FUSIONS = ["SkipLayerNormFusion"]
 
 
 class BackendError(RuntimeError):
@@ -109,7 +112,8 @@ def create_session(
         tried = chain[start:]
         try:
             session = ort.InferenceSession(
-                str(model), sess_options=options, providers=[p for p, _ in tried], provider_options=[o for _, o in tried]
+                str(model), sess_options=options, providers=[p for p, _ in tried], provider_options=[o for _, o in tried],
+                disabled_optimizers=CPU_SLOWER_FUSIONS if tried[0][0] == ORT_NAMES["cpu"] else None,
             )
         except Exception as exc:
             if tried[0][0] == ORT_NAMES["cpu"]:

@@ -122,6 +122,10 @@ def fuse(src: Path, out: Path, config: Any, padding_side: str, external: bool) -
         options.use_raw_attention_mask()
     # Its RotaryEmbedding caches 131072 positions (+64 MiB fp32 at head_dim 128); a mid-size Qwen3 ran no faster.
     options.enable_rotary_embeddings = False
+    # ORT's CPU SkipLayerNormalization kernel is slower than Add + LayerNormalization (MiniLM bulk: fp32 5 %, int8
+    # 15 % slower); a GPU session fuses it at load, where its kernel is the fast one (backend.py). Measured on BERT
+    # only: decoders keep their SkipSimplifiedLayerNormalization.
+    options.enable_skip_layer_norm = kind != "bert"
     # opt_level 0: Python fusions only; ORT's own graph optimizations run when the daemon loads the model.
     fused = optimize_model(str(src), model_type=kind, num_heads=config.num_attention_heads,
                            hidden_size=config.hidden_size, optimization_options=options, opt_level=0)
