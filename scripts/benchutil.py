@@ -59,11 +59,11 @@ def latencies_in_turns_ms(calls: list[Embed], texts: list[str]) -> list[list[flo
     return out
 
 
-def bulk_rate(call: Embed, texts: list[str]) -> float:
-    """Texts per second when sent BULK at a time."""
+def bulk_rate(call: Embed, texts: list[str], per_call: int = BULK) -> float:
+    """Texts per second when sent ``per_call`` at a time."""
     started = time.perf_counter()
-    for i in range(0, len(texts), BULK):
-        call(texts[i : i + BULK])
+    for i in range(0, len(texts), per_call):
+        call(texts[i : i + per_call])
     return len(texts) / (time.perf_counter() - started)
 
 
