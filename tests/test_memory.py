@@ -255,7 +255,9 @@ def test_cgroup_of_this_process() -> None:
 def test_process_rss_follows_allocation() -> None:
     before = process_rss()
     block = mmap.mmap(-1, 64 * MIB)  # fresh pages: a heap allocation could reuse resident ones
-    block.write(b"x" * (64 * MIB))  # written, so resident
+    chunk = b"x" * MIB  # written a MiB at a time, so resident; a 64 MiB bytes object could stay on the heap
+    for _ in range(64):
+        block.write(chunk)
     assert process_rss() - before >= 48 * MIB
     block.close()
     assert process_rss() - before < 16 * MIB

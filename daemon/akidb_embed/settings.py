@@ -71,7 +71,7 @@ class Settings:
     cache_dir: Path = Path("/var/cache/akidb-embed")
     default_model: str | None = None  # overrides the manifest marked default = true
     providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
-    intra_op_threads: int = 0  # 0: ONNX Runtime picks (one per core)
+    intra_op_threads: int = 0  # 0: measured per model at its first load (tuning.py)
     drain_seconds: float = 10.0  # on stop, how long requests in flight may take to finish
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
