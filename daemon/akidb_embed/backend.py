@@ -102,6 +102,17 @@ def run_options(active: Sequence[str]) -> ort.RunOptions:
     return options
 
 
+def feeds(batch: Padded, inputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """The graph's ``inputs`` for one padded batch: ids, mask, and token types and positions if it takes them."""
+    values = {"input_ids": batch.ids, "attention_mask": batch.mask}
+    if "token_type_ids" in inputs:
+        values["token_type_ids"] = np.zeros_like(batch.ids)
+    if "position_ids" in inputs:
+        # Left-padded rows must count positions from their first real token.
+        values["position_ids"] = np.clip(np.cumsum(batch.mask, axis=1) - 1, 0, None)
+    return {name: value for name, value in values.items() if name in inputs}
+
+
 def create_session(
     model: Path, chain: list[tuple[str, dict[str, str]]], options: ort.SessionOptions
 ) -> ort.InferenceSession:
@@ -173,7 +184,6 @@ class OnnxBackend:
         chain = provider_chain(providers, ort.get_available_providers(), engine_cache, memory)
         self.session = create_session(model, chain, options)
         self.providers = self.session.get_providers()
-        self.threads = intra_op_threads  # 0: ONNX Runtime's choice
         self.run_options = run_options(self.providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
         unknown = [name for name in self.inputs if name not in FEEDABLE_INPUTS]
@@ -186,14 +196,7 @@ class OnnxBackend:
 
     def run(self, batch: Padded) -> np.ndarray:
         """Token states [rows, seq, hidden] for one padded batch."""
-        feeds = {"input_ids": batch.ids, "attention_mask": batch.mask}
-        if "token_type_ids" in self.inputs:
-            feeds["token_type_ids"] = np.zeros_like(batch.ids)
-        if "position_ids" in self.inputs:
-            # Left-padded rows must count positions from their first real token.
-            feeds["position_ids"] = np.clip(np.cumsum(batch.mask, axis=1) - 1, 0, None)
-        feeds = {name: value for name, value in feeds.items() if name in self.inputs}
-        (states,) = self.session.run([self.output], feeds, self.run_options)
+        (states,) = self.session.run([self.output], feeds(batch, self.inputs), self.run_options)
         if states.ndim != 3:
             raise BackendError(f"output {self.output!r} has shape {states.shape}; token states [batch, seq, hidden] expected")
         return states

@@ -150,7 +150,7 @@ class Engine:
                 batches=model.batcher.batches_run, keep_alive=model.keep_alive,
                 memory_mb=round(self.registry.footprint(entry) / MIB, 1), memory_source="measured",
                 weights_mb=_mb(model.footprint.weights), work_mb=_mb(model.footprint.work), peak_mb=_mb(model.peak),
-                threads=model.backend.threads, run_cost_tokens=model.batcher.batch_cost_tokens,
+                threads=model.footprint.tuning.threads, run_cost_tokens=model.footprint.tuning.run_cost_tokens,
                 batch_tokens=model.batcher.rule.max_tokens,
             )  # fmt: skip
         return info

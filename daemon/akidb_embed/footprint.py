@@ -50,8 +50,8 @@ class Footprint:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Footprint:
-        """From ``asdict``'s form (the child's answer, the state file); TypeError if fields are missing."""
-        return cls(**{**data, "tuning": Tuning(**data["tuning"])}) if "tuning" in data else cls(**data)
+        """From ``asdict``'s form (the child's answer, the state file); KeyError or TypeError if fields are missing."""
+        return cls(**{**data, "tuning": Tuning(**data["tuning"])})
 
     @property
     def charge(self) -> int:

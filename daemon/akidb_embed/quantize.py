@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .backend import feeds
 from .tokenize import TextEncoder
 
 ROW_GAIN = 2.0  # scale per token where that at least halves the emulated error (the 9 FFN inputs of MiniLM: 2.1-3.1)
@@ -124,7 +125,8 @@ def _calibrate(model: Any, sites: list[_Site], folder: Path, encoder: TextEncode
     finally:
         os.remove(probe)
         del model.graph.output[outputs:]
-    inputs = {i.name for i in session.get_inputs()}
+    inputs = [i.name for i in session.get_inputs()]
+    weights = [numpy_helper.to_array(s.weight, base_dir=str(folder)).astype(np.float32) for s in sites]
     tokens = encoder.encode(texts)
     seen = 0
     for start in range(0, len(tokens), _BATCH):
@@ -132,14 +134,11 @@ def _calibrate(model: Any, sites: list[_Site], folder: Path, encoder: TextEncode
             break
         batch = encoder.pad(tokens[start : start + _BATCH])
         seen += int(batch.mask.sum())
-        feeds = {"input_ids": batch.ids, "attention_mask": batch.mask, "token_type_ids": np.zeros_like(batch.ids),
-                 "position_ids": np.clip(np.cumsum(batch.mask, axis=1) - 1, 0, None)}  # as backend.py feeds them
-        values = dict(zip(wanted, session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})))
+        values = dict(zip(wanted, session.run(wanted, feeds(batch, inputs))))
         real = batch.mask.astype(bool)
-        for site in sites:
+        for site, weight in zip(sites, weights):
             x = values[site.node.input[0]]
             rows = x[real] if x.shape[:2] == real.shape else x.reshape(-1, x.shape[-1])
-            weight = numpy_helper.to_array(site.weight, base_dir=str(folder)).astype(np.float32)
             _emulate(site, rows.astype(np.float32), weight)
         progress(f"measuring int8 error per node {min(start + _BATCH, len(tokens))}/{len(tokens)} sentences")
 
