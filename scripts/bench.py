@@ -82,18 +82,25 @@ def main() -> int:
     if "speed" in args.sections:
         st_folder = st_source(args.st_model)
         report["speed"] = speed_section(catalogs, fortune_sentences(args.texts), args.rounds, st_folder)
+        save(report, args.json)
     if "cache" in args.sections:
         report["cache"] = [dict(cache_section(c, m), catalog=str(c), model=m.id) for c, m in catalogs]
+        save(report, args.json)
     if "memory" in args.sections:
         columns = []
         for catalog, manifest in catalogs:
             columns += memory_columns(catalog, manifest, args.before_src, args.rounds)
         print_memory_table(columns)
         report["memory"] = columns
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1, default=float) + "\n")
-    progress(f"figures written to {args.json}")
+        save(report, args.json)
     return 0
+
+
+def save(report: dict[str, Any], path: Path) -> None:
+    """The figures so far, written after each section: a section that fails keeps the ones before it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    progress(f"figures written to {path}")
 
 
 def catalog_manifest(catalog: Path, model: str | None) -> Manifest:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +24,7 @@ from akidb_embed.manifest import Manifest
 from akidb_embed.settings import Limits
 from akidb_embed_client import Client
 from benchutil import BULK, bulk_rate, p50, proc_status_mib, progress, timed_ms
-from daemon_process import Daemon, run_daemon
+from daemon_process import Daemon, run_daemon, write_config
 from fortunes import fortune_sentences
 from tokenizers import Tokenizer
 
@@ -48,13 +52,29 @@ class Subject:
 @contextlib.contextmanager
 def source_daemon(catalog: Path, source: Path | None) -> Iterator[Daemon]:
     """The daemon of this checkout, or of the checkout ``source`` (its packages first on the path)."""
-    env = None
-    if source is not None:
-        # PYTHONPATH comes before the venv's editable installs of this checkout.
-        paths = [str(source / "daemon"), str(source / "client"), os.environ.get("PYTHONPATH", "")]
-        env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    with run_daemon(catalog, providers=["cpu"], env=env) as daemon:
-        yield daemon
+    if source is None:
+        with run_daemon(catalog, providers=["cpu"]) as daemon:
+            yield daemon
+        return
+    # PYTHONPATH comes before the venv's editable installs of this checkout.
+    paths = [str(source / "daemon"), str(source / "client"), os.environ.get("PYTHONPATH", "")]
+    env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    with tempfile.TemporaryDirectory(prefix="akidb-before-") as older:
+        with run_daemon(older_catalog(catalog, Path(older), env), providers=["cpu"], env=env) as daemon:
+            yield daemon
+
+
+def older_catalog(catalog: Path, folder: Path, env: dict[str, str]) -> Path:
+    """``catalog`` as an older daemon reads it: only the manifest fields it knows (an older one refuses
+    newer fields such as ``precision``), with model and tokenizer paths made absolute."""
+    known = subprocess.run([sys.executable, "-c", "from akidb_embed.manifest import _FIELDS; print(*_FIELDS)"],
+                           env=dict(os.environ, **env), check=True, capture_output=True, text=True).stdout.split()
+    for path in catalog.glob("*.toml"):
+        data = tomllib.loads(path.read_text())
+        for key in ("model", "tokenizer"):
+            data[key] = str((path.parent / data[key]).resolve())
+        write_config(folder / path.name, {key: value for key, value in data.items() if key in known})
+    return folder
 
 
 def memory_columns(catalog: Path, manifest: Manifest, before: Path | None, rounds: int) -> list[dict[str, Any]]:
