@@ -14,7 +14,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from akidb_embed.manifest import Manifest
 from akidb_embed.settings import Limits
+from akidb_embed.tomlcompat import tomllib
 from akidb_embed_client import Client
 from benchutil import BULK, bulk_rate, p50, proc_status_mib, progress, timed_ms
 from daemon_process import Daemon, run_daemon, write_config
