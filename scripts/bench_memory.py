@@ -52,15 +52,14 @@ class Subject:
 @contextlib.contextmanager
 def source_daemon(catalog: Path, source: Path | None) -> Iterator[Daemon]:
     """The daemon of this checkout, or of the checkout ``source`` (its packages first on the path)."""
-    if source is None:
-        with run_daemon(catalog, providers=["cpu"]) as daemon:
-            yield daemon
-        return
-    # PYTHONPATH comes before the venv's editable installs of this checkout.
-    paths = [str(source / "daemon"), str(source / "client"), os.environ.get("PYTHONPATH", "")]
-    env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    env = None
     with tempfile.TemporaryDirectory(prefix="akidb-before-") as older:
-        with run_daemon(older_catalog(catalog, Path(older), env), providers=["cpu"], env=env) as daemon:
+        if source is not None:
+            # PYTHONPATH comes before the venv's editable installs of this checkout.
+            paths = [str(source / "daemon"), str(source / "client"), os.environ.get("PYTHONPATH", "")]
+            env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+            catalog = older_catalog(catalog, Path(older), env)
+        with run_daemon(catalog, providers=["cpu"], env=env) as daemon:
             yield daemon
 
 

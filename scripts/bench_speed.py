@@ -229,7 +229,7 @@ def speed_targets(figures: dict[str, dict[str, Any]]) -> list[Target]:
         Target("  int8 cosine vs ST, mean", figure(int8_local, "cosine_mean"), 0.995, True, ""),
         Target("  int8 cosine vs ST, min", figure(int8_local, "cosine_min"), 0.98, True, ""),
         # Corpus, not bulk: in-process int8 requests of 32 short texts swung from 274 to 468 texts/s between
-        # rounds (that process keeps glibc's default heap, which maps each large batch afresh; the daemon's does not).
+        # rounds of one run.
         Target("in-proc int8 corpus / in-proc fp32 corpus", ratio(int8_local, first("in-process", "fp32"), "corpus"), 1.5, True),
         Target("daemon int8 corpus / daemon fp32 corpus", ratio(first("daemon", "int8"), first("daemon", "fp32"), "corpus"),
                1.5, True),
