@@ -56,6 +56,10 @@ class Job:
     dimensions: int | None = None
     deadline: float = float("inf")  # time.monotonic() after which nobody waits for it
     tokens: list[int] = field(default_factory=list)
+    # time.monotonic() when it was queued, taken by the worker, and done: its queue wait and inference time
+    queued: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class Batcher:
                     f"model {self.name} has {self._queued_texts} texts queued (limit {self.limits.queue_texts}); "
                     "retry later or raise limits.queue_texts"
                 )
+            job.queued = time.monotonic()
             self._jobs.append(job)
             self._queued_texts += len(job.texts)
             self._wakeup.notify()
@@ -155,6 +160,9 @@ class Batcher:
                 jobs.append(self._jobs.popleft())
                 count += len(jobs[-1].texts)
             self._queued_texts -= count
+        started = time.monotonic()
+        for job in jobs:
+            job.started = started
         return jobs
 
     def _serve(self, jobs: list[Job]) -> None:
@@ -243,6 +251,9 @@ class Batcher:
 
     def _settle(self, settled: list[tuple[Job, Embedded | EmbedError]]) -> None:
         """Hand results to the event loop in one wake-up."""
+        finished = time.monotonic()
+        for job, _ in settled:
+            job.finished = finished
         if settled:
             self.loop.call_soon_threadsafe(_settle_futures, settled)
 

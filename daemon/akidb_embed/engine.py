@@ -14,15 +14,17 @@ import time
 from typing import Any
 
 import numpy as np
-from akidb_embed_client.errors import BadRequest
+from akidb_embed_client.errors import BadRequest, EmbedError, InternalError
 from akidb_embed_client.protocol import is_utf8
 
 from . import __version__
 from .batcher import Embedded, Job
+from .loader import LoadedModel
 from .manifest import Manifest
 from .memory import MIB
 from .registry import Entry, Registry, default_keep_alive
 from .settings import Settings
+from .stats import Timing
 
 Outcome = tuple[dict[str, Any], "np.ndarray | None"]
 
@@ -40,15 +42,13 @@ class Engine:
         arrived = time.monotonic()  # timeout_ms counts from here, a cold load included
         texts = self._checked_texts(fields["texts"])
         entry = self.registry.entry(fields.get("model"))
-        if entry.model is None:
-            self._job(entry.manifest, texts, fields, arrived)  # a bad request fails before it can cause a load
-        model = await self.registry.acquire(entry.id, fields.get("keep_alive"))
         try:
-            job = self._job(model.manifest, texts, fields, arrived)
-            model.batcher.submit(job)
-            embedded: Embedded = await job.future
-        finally:
-            self.registry.release(model, served=len(texts))
+            model, job = await self._run(entry, texts, fields, arrived)
+        except Exception as exc:
+            entry.stats.failed(exc.code if isinstance(exc, EmbedError) else InternalError.code)
+            raise
+        embedded: Embedded = job.future.result()
+        entry.stats.served(len(texts), Timing(job.started - job.queued, job.finished - job.started, time.monotonic() - arrived))
         header = {
             "model": model.manifest.id,
             "fingerprint": model.fingerprint,
@@ -56,6 +56,19 @@ class Engine:
             "tokens": embedded.tokens,
         }
         return header, embedded.vectors
+
+    async def _run(self, entry: Entry, texts: list[str], fields: dict[str, Any], arrived: float) -> tuple[LoadedModel, Job]:
+        """The model that served the request and its finished job."""
+        if entry.model is None:
+            self._job(entry.manifest, texts, fields, arrived)  # a bad request fails before it can cause a load
+        model = await self.registry.acquire(entry.id, fields.get("keep_alive"))
+        try:
+            job = self._job(model.manifest, texts, fields, arrived)
+            model.batcher.submit(job)
+            await job.future
+        finally:
+            self.registry.release(model, served=len(texts))
+        return model, job
 
     async def load(self, fields: dict[str, Any]) -> Outcome:
         """Load a model now (and keep it for ``keep_alive`` seconds)."""
@@ -139,7 +152,7 @@ class Engine:
             default=entry.id == self.registry.default_id(),
             pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
             keep_alive=default_keep_alive(serving, self.settings) if serving else None,
-            last_used=self.registry.store.recorded(entry.id).last_used or None,
+            last_used=self.registry.store.recorded(entry.id).last_used or None, stats=entry.stats.describe(),
         )  # fmt: skip
         model = entry.model
         if model is not None:

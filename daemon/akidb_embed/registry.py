@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, UnknownModel
@@ -28,6 +28,7 @@ from .manifest import Manifest, ManifestError, load_manifest, model_files
 from .memory import MIB, MemoryMonitor, process_rss
 from .settings import Settings
 from .state import ModelRecord, StateStore
+from .stats import ModelStats
 from .workmem import GUARD
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Entry:
     model: LoadedModel | None = None  # the version serving now
     loading: asyncio.Task | None = None
     pinned: bool = False
+    stats: ModelStats = field(default_factory=ModelStats)
 
     @property
     def state(self) -> str:
@@ -129,7 +131,10 @@ class Registry:
         """A loaded, reference-counted model; pair with ``release``."""
         entry = self.entry(model_id)
         if entry.model is None:
+            entry.stats.misses += 1
             await self.load(entry)
+        else:
+            entry.stats.hits += 1
         model = entry.model
         if model is None:  # unloaded or removed while this request waited for the load
             raise ModelUnavailable(f"model {entry.id!r} was unloaded while loading; retry")
@@ -167,6 +172,12 @@ class Registry:
         """Unload now; requests in flight finish on it first. The future, if any, is the close under way."""
         log.info("model %s: unloading (%s)", entry.id, reason)
         return self._unload(entry)
+
+    def evict(self, entry: Entry, reason: str) -> None:
+        """Unload an idle model to free memory, counted as an eviction."""
+        self.evictions += 1
+        entry.stats.evictions += 1
+        self.unload(entry, reason)
 
     async def retune(self, entry: Entry) -> None:
         """Measure the model's footprint and speed settings again and load it with them (a swap if loaded)."""
@@ -248,7 +259,10 @@ class Registry:
         old, entry.model = entry.model, model
         if old is not None:
             log.info("model %s: swapped to fingerprint %s", entry.id, model.fingerprint)
+            entry.stats.swaps += 1
             self._retire(old)
+        else:
+            entry.stats.cold_loads += 1
         self._remember(record, model)
         record.load_ms = model.load_seconds * 1e3
         self._save()
@@ -278,8 +292,7 @@ class Registry:
         residents = [r for r in self.residents() if r.id != entry.id or entry.model is not None]
         need = self.estimate(entry.id, manifest)[0]
         for model_id in cache.evictions_to_fit(entry.id, need, residents, budget):
-            self.evictions += 1
-            self.unload(self.entries[model_id], f"least recently used, to make room for {entry.id}")
+            self.evict(self.entries[model_id], f"least recently used, to make room for {entry.id}")
 
     def residents(self) -> list[cache.Resident]:
         """Loaded and loading models as the eviction policy sees them."""

@@ -98,8 +98,7 @@ class Upkeep:
         for model_id in victims:
             entry = self.registry.entries[model_id]
             if entry.model is not None:  # not already unloaded by an earlier rule this round
-                self.registry.evictions += 1
-                self.registry.unload(entry, reason)
+                self.registry.evict(entry, reason)
 
 
 async def warm_start(registry: Registry) -> None:
