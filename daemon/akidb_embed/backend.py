@@ -17,7 +17,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -41,6 +41,18 @@ CPU_SLOWER_FUSIONS = ["SkipLayerNormFusion"]
 
 class BackendError(RuntimeError):
     """A model that cannot run; the message names the cause."""
+
+
+class Backend(Protocol):
+    """What a model's batcher runs its batches on: ``OnnxBackend``, or a fake in tests."""
+
+    providers: list[str]  # the execution providers in use, the first one running the model
+
+    def run(self, batch: Padded) -> np.ndarray:
+        """Token states [rows, seq, hidden] for one padded batch."""
+        ...
+
+    def close(self) -> None: ...
 
 
 # Providers this process saw fail to start; later loads skip them instead of failing (noisily) again.

@@ -23,7 +23,7 @@ import numpy as np
 from akidb_embed_client.errors import EmbedError, InputTooLong, InternalError, Overloaded, ShuttingDown
 
 from . import pooling
-from .backend import OnnxBackend
+from .backend import Backend
 from .footprint import Footprint
 from .memory import MIB, trim_heap
 from .settings import Limits
@@ -76,7 +76,7 @@ class Batcher:
         self,
         name: str,
         encoder: TextEncoder,
-        backend: OnnxBackend,
+        backend: Backend,
         pooling_mode: str,
         dimension: int,
         limits: Limits,

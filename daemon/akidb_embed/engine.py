@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ from .batcher import Embedded, Job
 from .loader import LoadedModel
 from .manifest import Manifest
 from .memory import MIB
-from .registry import Entry, Registry, default_keep_alive
+from .catalog import Entry
+from .registry import Registry
 from .settings import Settings
 from .stats import Timing
 
@@ -36,6 +38,13 @@ class Engine:
         self.settings = settings
         self.registry = registry
         self.started = time.time()
+
+    def ops(self) -> dict[str, Callable[[dict[str, Any]], Outcome | Coroutine[Any, Any, Outcome]]]:
+        """Each op of the protocol and what answers it: a coroutine for those that wait, else a function."""
+        return {
+            "embed": self.embed, "load": self.load, "unload": self.unload, "pin": self.pin, "unpin": self.unpin,
+            "tune": self.tune, "models": self.models, "status": self.status, "ping": self.ping,
+        }  # fmt: skip
 
     async def embed(self, fields: dict[str, Any]) -> Outcome:
         """The embed reply header and the vectors for one request."""
@@ -64,7 +73,7 @@ class Engine:
         model = await self.registry.acquire(entry.id, fields.get("keep_alive"))
         try:
             job = self._job(model.manifest, texts, fields, arrived)
-            model.batcher.submit(job)
+            model.submit(job)
             await job.future
         finally:
             self.registry.release(model, served=len(texts))
@@ -76,7 +85,7 @@ class Engine:
         await self.registry.load(entry)
         if fields.get("keep_alive") is not None and entry.model is not None:
             entry.model.keep_alive = fields["keep_alive"]
-        return {"model": self.describe(entry)}, None
+        return {"model": self.registry.describe(entry.id)}, None
 
     async def unload(self, fields: dict[str, Any]) -> Outcome:
         """Unload a model; replies once its memory is released (or, in use, once it is retired)."""
@@ -84,33 +93,35 @@ class Engine:
         closing = self.registry.unload(entry)
         if closing is not None:
             await closing
-        return {"model": self.describe(entry)}, None
+        return {"model": self.registry.describe(entry.id)}, None
 
     async def pin(self, fields: dict[str, Any]) -> Outcome:
         """Keep a model loaded: never evicted, reloaded at start."""
         entry = self.registry.entry(fields["model"])
         self.registry.pin(entry, True)
         await self.registry.load(entry)
-        return {"model": self.describe(entry)}, None
+        return {"model": self.registry.describe(entry.id)}, None
 
     async def tune(self, fields: dict[str, Any]) -> Outcome:
         """Measure a model's footprint and speed settings again and serve it with them."""
         entry = self.registry.entry(fields["model"])
         await self.registry.retune(entry)
-        return {"model": self.describe(entry)}, None
+        return {"model": self.registry.describe(entry.id)}, None
 
     def unpin(self, fields: dict[str, Any]) -> Outcome:
         entry = self.registry.entry(fields["model"])
         self.registry.pin(entry, False)
-        return {"model": self.describe(entry)}, None
+        return {"model": self.registry.describe(entry.id)}, None
 
     def models(self, fields: dict[str, Any]) -> Outcome:
         """The catalog: every manifest with its state."""
-        return {"models": [self.describe(entry) for entry in self.registry.entries.values()], "default": self.registry.default_id()}, None
+        snapshot = self.registry.snapshot()
+        return {"models": snapshot.models, "default": snapshot.default}, None
 
     def status(self, fields: dict[str, Any]) -> Outcome:
         """Daemon-wide figures: uptime, models by state, queues, memory and the budget."""
-        described = [self.describe(entry) for entry in self.registry.entries.values()]
+        snapshot = self.registry.snapshot()
+        described = snapshot.models
         states: dict[str, int] = {}
         for info in described:
             states[info["state"]] = states.get(info["state"], 0) + 1
@@ -122,51 +133,26 @@ class Engine:
             "uptime_s": round(time.time() - self.started, 1),
             "socket": str(self.settings.socket),
             "catalog": str(self.settings.catalog),
-            "default_model": self.registry.default_id(),
+            "default_model": snapshot.default,
             "models": states,
             "queued_texts": sum(info.get("queued_texts", 0) for info in described),
             "in_flight": sum(info.get("in_flight", 0) for info in described),
-            "memory": self.registry.monitor.sample().as_dict(),
+            "memory": snapshot.memory,
             "budget": {
                 "model_memory_mb": memory.model_memory_mb,
                 "max_loaded_models": memory.max_loaded_models,
                 "loaded_models": len(loaded),
                 "loaded_memory_mb": round(float(sum(info["memory_mb"] for info in loaded)), 1),
-                "unaccounted_mb": _mb(self.registry.unaccounted),
+                "unaccounted_mb": round(snapshot.unaccounted / MIB, 1),
                 "high_watermark": memory.high_watermark,
                 "low_watermark": memory.low_watermark,
             },
-            "evictions": self.registry.evictions,
+            "evictions": snapshot.evictions,
+            "stats": {info["id"]: _traffic(info["stats"]) for info in described},
         }, None
 
     def ping(self, fields: dict[str, Any]) -> Outcome:
         return {"pong": True, "version": __version__}, None
-
-    def describe(self, entry: Entry) -> dict[str, Any]:
-        """One catalog entry as the ``models`` reply lists it."""
-        serving = entry.model.manifest if entry.model else entry.manifest
-        info = serving.describe() if serving else {"id": entry.id}
-        estimate, source = self.registry.estimate(entry.id, serving) if serving else (0, "unknown")
-        info.update(
-            state=entry.state, error=entry.error, update_error=entry.update_error, path=str(entry.path),
-            default=entry.id == self.registry.default_id(),
-            pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
-            keep_alive=default_keep_alive(serving, self.settings) if serving else None,
-            last_used=self.registry.store.recorded(entry.id).last_used or None, stats=entry.stats.describe(),
-        )  # fmt: skip
-        model = entry.model
-        if model is not None:
-            info.update(
-                fingerprint=model.fingerprint, provider=model.backend.providers[0], loaded_at=model.loaded_at,
-                last_used=model.last_used, in_flight=model.in_flight, requests=model.requests, served=model.served,
-                load_ms=round(model.load_seconds * 1e3, 1), queued_texts=model.batcher.queued_texts,
-                batches=model.batcher.batches_run, keep_alive=model.keep_alive,
-                memory_mb=round(self.registry.footprint(entry) / MIB, 1), memory_source="measured",
-                weights_mb=_mb(model.footprint.weights), work_mb=_mb(model.footprint.work), peak_mb=_mb(model.peak),
-                threads=model.footprint.tuning.threads, run_cost_tokens=model.footprint.tuning.run_cost_tokens,
-                batch_tokens=model.batcher.rule.max_tokens,
-            )  # fmt: skip
-        return info
 
     def _checked_texts(self, texts: list[Any]) -> list[str]:
         limit = self.settings.limits.max_texts
@@ -205,5 +191,8 @@ class Engine:
         )
 
 
-def _mb(count: int) -> float:
-    return round(count / MIB, 1)
+
+def _traffic(stats: dict[str, Any]) -> dict[str, Any]:
+    """A model's live figures in brief, for ``status``: the counters and rates, and the p95 end to end."""
+    brief = {key: stats[key] for key in ("requests", "texts", "qps", "texts_per_s", "hit_rate")}
+    return {**brief, "errors": sum(stats["errors"].values()), "p95_ms": stats["latency_ms"]["total"]["p95"]}

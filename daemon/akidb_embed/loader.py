@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backend import ORT_NAMES, BackendError, DeviceMemory, OnnxBackend
-from .batcher import Batcher
+from .backend import ORT_NAMES, Backend, BackendError, DeviceMemory, OnnxBackend
+from .batcher import Batcher, Job
 from .footprint import Footprint, Request, measure_in_child
 from .manifest import Manifest, fingerprint
 from .memory import MIB, process_rss, release_memory
@@ -33,7 +33,7 @@ class LoadedModel:
 
     manifest: Manifest
     fingerprint: str
-    backend: OnnxBackend
+    backend: Backend
     batcher: Batcher
     load_seconds: float
     footprint: Footprint
@@ -54,6 +54,18 @@ class LoadedModel:
     def charge(self) -> int:
         """Bytes the cache books for it: weights + the working budget, or the peak if that was larger."""
         return self.footprint.weights + max(self.footprint.work, self.peak)
+
+    @property
+    def queued_texts(self) -> int:
+        return self.batcher.queued_texts
+
+    @property
+    def batches_run(self) -> int:
+        return self.batcher.batches_run
+
+    def submit(self, job: Job) -> None:
+        """Queue a request on the model's batcher (Overloaded when its queue is full)."""
+        self.batcher.submit(job)
 
     def idle_for(self, now: float) -> float:
         return now - self.last_used if self.in_flight == 0 else 0.0

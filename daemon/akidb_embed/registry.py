@@ -1,12 +1,12 @@
-"""The model registry: the catalog's manifests and the models loaded from them.
+"""The model registry: what the catalog's changes mean for loaded models, and the model cache.
 
-``scan`` reconciles the entries with the catalog directory (at start, on SIGHUP and on every
-watcher event, so a missed event cannot leave it wrong): new manifests become available; a
-changed manifest or model file loads the new version in the background while the old one
-serves, then swaps; a removed manifest retires its model once its requests finish; a manifest
-that does not parse is listed with its error and never replaces a working version.
-``acquire`` hands out reference-counted models, loading on first use (one load however many
-ask), after evicting least recently used idle models until the new one fits the budget.
+``scan`` has the catalog (``catalog.py``) reconcile its entries with the directory and acts on
+each change: a new pinned manifest loads; a changed manifest or model file loads the new version
+in the background while the old one serves, then swaps; a removed manifest retires its model
+once its requests finish. ``acquire`` hands out reference-counted models, loading on first use
+(one load however many ask), after evicting least recently used idle models until the new one
+fits the budget. ``snapshot`` and ``describe`` copy what ``status`` and ``models`` report, so
+no other module reads the registry's fields.
 Everything here runs on the event-loop thread; loads and unloads run on the loader thread.
 """
 
@@ -16,50 +16,33 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, UnknownModel
 
 from . import cache
+from .catalog import Catalog, Entry
 from .footprint import Footprint
 from .loader import LoadedModel, load_model
-from .manifest import Manifest, ManifestError, load_manifest, model_files
-from .memory import MIB, MemoryMonitor, process_rss
+from .manifest import Manifest
+from .memory import MIB, MemoryMonitor, MemorySample, process_rss
 from .settings import Settings
 from .state import ModelRecord, StateStore
-from .stats import ModelStats
 from .workmem import GUARD
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Entry:
-    """One manifest of the catalog and the model serving from it."""
+@dataclass(frozen=True)
+class Snapshot:
+    """The registry as ``status`` and ``models`` report it."""
 
-    id: str
-    path: Path
-    manifest: Manifest | None = None  # the newest valid version
-    files: tuple = ()  # size, mtime and inode of the files it names: a replaced file is a new version
-    error: str | None = None  # why it cannot serve
-    update_error: str | None = None  # why a newer version is not serving (the old one is)
-    model: LoadedModel | None = None  # the version serving now
-    loading: asyncio.Task | None = None
-    pinned: bool = False
-    stats: ModelStats = field(default_factory=ModelStats)
-
-    @property
-    def state(self) -> str:
-        if self.manifest is None:
-            return "invalid"
-        if not self.manifest.enabled:
-            return "disabled"
-        if self.model is not None:
-            return "ready"
-        if self.loading is not None:
-            return "loading"
-        return "failed" if self.error else "available"
+    models: list[dict[str, Any]]
+    default: str | None
+    memory: dict[str, Any]  # the memory source's latest sample
+    unaccounted: int  # bytes the daemon holds beyond its models' charges
+    evictions: int
 
 
 class Registry:
@@ -69,7 +52,8 @@ class Registry:
         self.settings = settings
         self.monitor = monitor
         self.store = store
-        self.entries: dict[str, Entry] = {}
+        self.catalog = Catalog(settings.catalog)
+        self.entries = self.catalog.entries  # by model id; the catalog keeps them in step with the directory
         self.evictions = 0
         self.unaccounted = 0  # bytes the daemon holds beyond its models' charges (upkeep measures it)
         self.idle_rss = process_rss()  # the daemon's resident size with no model; the app sets it once ready
@@ -77,44 +61,21 @@ class Registry:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
 
     def scan(self) -> None:
-        """Reconcile the entries with the manifests now in the catalog directory."""
-        found = {entry.id: entry for entry in map(_read_entry, sorted(self.settings.catalog.glob("*.toml")))}
-        for model_id, entry in list(self.entries.items()):
-            new = found.pop(model_id, None)
-            if new is None:
-                log.info("model %s: manifest removed", model_id)
-                del self.entries[model_id]
-                self._unload(entry)
-            else:
-                self._update(entry, new)
-        for model_id, entry in found.items():
-            entry.pinned = (entry.manifest is not None and entry.manifest.pinned) or self.store.recorded(model_id).pinned
-            self.entries[model_id] = entry
-            if entry.error:
-                log.error("model %s: %s", model_id, entry.error)
-            elif entry.pinned and entry.manifest.enabled:
-                self._start_load(entry)  # pinned: loaded as soon as it is known (at start, after readiness)
-        log.info("catalog %s: %s; default model %s", self.settings.catalog, self._summary(), self.default_id())
+        """Reconcile the entries with the catalog directory (see ``catalog``)."""
+        self.catalog.scan(self)
+        log.info("catalog %s: %s; default model %s", self.settings.catalog, self.catalog.summary(), self.default_id())
 
-    def _update(self, entry: Entry, new: Entry) -> None:
-        if new.manifest is None:  # a broken (perhaps half-written) version never replaces a working one
-            if entry.manifest is None:
-                entry.error = new.error
-            elif entry.update_error != new.error:
-                entry.update_error = new.error
-                log.error("model %s: new manifest ignored, the previous version stays: %s", entry.id, new.error)
-            return
-        if (new.manifest, new.files) == (entry.manifest, entry.files):
-            if entry.model is None or entry.model.manifest == entry.manifest:
-                entry.update_error = None  # a half-written file was completed as it was
-            if entry.model is None and entry.loading is None:
-                entry.error = None  # a rescan retries a failed load
-            return
-        log.info("model %s: new version (manifest or model files changed)", entry.id)
-        entry.manifest, entry.files, entry.path = new.manifest, new.files, new.path
-        entry.error = entry.update_error = None
-        entry.pinned = new.manifest.pinned or self.store.recorded(entry.id).pinned
-        if not new.manifest.enabled:
+    def added(self, entry: Entry) -> None:
+        entry.pinned = (entry.manifest is not None and entry.manifest.pinned) or self.store.recorded(entry.id).pinned
+        if not entry.error and entry.pinned and entry.manifest.enabled:
+            self._start_load(entry)  # pinned: loaded as soon as it is known (at start, after readiness)
+
+    def removed(self, entry: Entry) -> None:
+        self._unload(entry)
+
+    def changed(self, entry: Entry) -> None:
+        entry.pinned = entry.manifest.pinned or self.store.recorded(entry.id).pinned
+        if not entry.manifest.enabled:
             self.unload(entry, "disabled in its manifest")
         elif entry.model is not None and entry.loading is None:
             self._start_load(entry)  # hot swap: the old version serves until the new one is ready
@@ -225,6 +186,50 @@ class Registry:
         self._loader.shutdown(wait=True)
         self.store.save(self.store.state.warm)  # with what the unloads released
 
+    def memory_sample(self) -> MemorySample:
+        return self.monitor.sample()
+
+    def warm_models(self) -> list[str]:
+        """The models loaded at the last stop, most recently used first."""
+        return list(self.store.state.warm)
+
+    def snapshot(self) -> Snapshot:
+        """Every entry described, the memory sample and the cache's figures, copied for ``status`` and ``models``."""
+        return Snapshot(
+            [self._describe(entry) for entry in self.entries.values()], self.default_id(),
+            self.monitor.sample().as_dict(), self.unaccounted, self.evictions,
+        )  # fmt: skip
+
+    def describe(self, model_id: str) -> dict[str, Any]:
+        """One catalog entry as the ``models`` reply lists it (a copy: changing it changes nothing here)."""
+        return self._describe(self.entries[model_id])
+
+    def _describe(self, entry: Entry) -> dict[str, Any]:
+        serving = entry.model.manifest if entry.model else entry.manifest
+        info = serving.describe() if serving else {"id": entry.id}
+        estimate, source = self.estimate(entry.id, serving) if serving else (0, "unknown")
+        info.update(
+            state=entry.state, error=entry.error, update_error=entry.update_error, path=str(entry.path),
+            default=entry.id == self.default_id(),
+            pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
+            keep_alive=default_keep_alive(serving, self.settings) if serving else None,
+            last_used=self.store.recorded(entry.id).last_used or None, stats=entry.stats.describe(),
+        )  # fmt: skip
+        model = entry.model
+        if model is not None:
+            info.update(
+                fingerprint=model.fingerprint, provider=model.backend.providers[0], loaded_at=model.loaded_at,
+                last_used=model.last_used, in_flight=model.in_flight, requests=model.requests, served=model.served,
+                load_ms=round(model.load_seconds * 1e3, 1), queued_texts=model.queued_texts,
+                batches=model.batches_run, keep_alive=model.keep_alive,
+                memory_mb=round(self.footprint(entry) / MIB, 1), memory_source="measured",
+                weights_mb=_mb(model.footprint.weights), work_mb=_mb(model.footprint.work), peak_mb=_mb(model.peak),
+                threads=model.footprint.tuning.threads, run_cost_tokens=model.footprint.tuning.run_cost_tokens,
+                batch_tokens=model.batcher.rule.max_tokens,
+            )  # fmt: skip
+        return info
+
+
     def _start_load(self, entry: Entry) -> None:
         entry.loading = asyncio.ensure_future(self._load_newest(entry))
         entry.loading.add_done_callback(lambda task: _finish_load(entry, task))
@@ -285,7 +290,7 @@ class Registry:
     def _make_room(self, entry: Entry, manifest: Manifest) -> None:
         """Evict what a load of ``manifest`` needs gone, or raise InsufficientMemory."""
         memory = self.settings.memory
-        sample = self.monitor.sample()
+        sample = self.memory_sample()
         # Growth the charges do not explain still takes room under the cap.
         cap = max(1, memory.model_memory_mb * MIB - self.unaccounted) if memory.model_memory_mb else 0
         budget = cache.Budget(cap, memory.max_loaded_models, sample.available - memory.reserve_mb * MIB)
@@ -353,11 +358,6 @@ class Registry:
             self.store.record(model.manifest.id).last_used = model.last_used
         self.store.save([m.manifest.id for m in loaded])
 
-    def _summary(self) -> str:
-        states = [e.state for e in self.entries.values()]
-        return ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) or "no manifests"
-
-
 def _finish_load(entry: Entry, task: asyncio.Task) -> None:
     if entry.loading is task:
         entry.loading = None
@@ -370,21 +370,5 @@ def default_keep_alive(manifest: Manifest, settings: Settings) -> float:
     return manifest.keep_alive if manifest.keep_alive is not None else settings.memory.keep_alive
 
 
-def _read_entry(path: Path) -> Entry:
-    try:
-        manifest = load_manifest(path)
-    except ManifestError as exc:
-        return Entry(path.stem, path, error=str(exc))
-    return Entry(manifest.id, path, manifest, files=_file_stats(manifest))
-
-
-def _file_stats(manifest: Manifest) -> tuple:
-    """Size, mtime and inode of every file the model is made of: a replaced file is a new version."""
-    stats = []
-    for path in model_files(manifest):
-        try:
-            st = path.stat()
-            stats.append((st.st_size, st.st_mtime_ns, st.st_ino))
-        except OSError:
-            stats.append(None)
-    return tuple(stats)
+def _mb(count: int) -> float:
+    return round(count / MIB, 1)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Coroutine
+from typing import Any
 from pathlib import Path
 
 import zmq
@@ -38,7 +39,9 @@ class Server:
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
-        self.engine = engine
+        self.ops = engine.ops()
+        if self.ops.keys() != protocol.OP_FIELDS.keys():  # a new op must be answered, never an internal error
+            raise RuntimeError(f"ops without a handler or without a protocol entry: {self.ops.keys() ^ protocol.OP_FIELDS.keys()}")
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.tasks: set[asyncio.Task] = set()
@@ -96,7 +99,7 @@ class Server:
 
     def _dispatch(self, frames: list[bytes]) -> None:
         envelope, body = _split_envelope(frames)
-        request_id = None
+        request = None
         try:
             if len(body) != 1:
                 raise BadRequest(f"a request is one msgpack frame, not {len(body)}; use a REQ or DEALER socket")
@@ -106,19 +109,16 @@ class Server:
                     "(limits.max_request_bytes): split the texts across requests"
                 )
             request = protocol.decode_request(body[0])
-            request_id = request.id
-            outcome = getattr(self.engine, request.op)(request.fields)
+            outcome = self.ops[request.op](request.fields)
             if asyncio.iscoroutine(outcome):
                 self._start(envelope, request, outcome)
                 return
-            self._send(envelope, protocol.encode_result(request_id, *outcome))
-        except EmbedError as exc:
-            if request_id is None and body:  # refused before or while decoding: find its id once
-                request_id = protocol.request_id_of(body[0])
-            self._send(envelope, protocol.encode_error(request_id, exc))
+            frames = protocol.encode_result(request.id, *outcome)
         except Exception as exc:
-            log.exception("request %r failed", request_id)
-            self._send(envelope, protocol.encode_error(request_id, InternalError(f"internal error: {exc}")))
+            # Refused before or while decoding: the id, if any, is found once, here.
+            request_id = request.id if request else protocol.request_id_of(body[0]) if body else None
+            frames = _error_frames(request_id, request.op if request else "request", exc)
+        self._send(envelope, frames)
 
     def _start(self, envelope: list[bytes], request: protocol.Request, outcome: Coroutine) -> None:
         """Run an op that waits (on inference or a load) as a task of its own."""
@@ -132,13 +132,8 @@ class Server:
     async def _answer(self, envelope: list[bytes], request: protocol.Request, outcome: Coroutine) -> None:
         try:
             frames = protocol.encode_result(request.id, *await outcome)
-        except EmbedError as exc:
-            frames = protocol.encode_error(request.id, exc)
-        except asyncio.CancelledError:
-            frames = protocol.encode_error(request.id, ShuttingDown("the daemon stopped before this request finished; retry"))
-        except Exception as exc:
-            log.exception("%s request %r failed", request.op, request.id)
-            frames = protocol.encode_error(request.id, InternalError(f"internal error: {exc}"))
+        except (Exception, asyncio.CancelledError) as exc:
+            frames = _error_frames(request.id, request.op, exc)
         self._send(envelope, frames)
         self._receive()  # a send can swallow the descriptor's signal for requests that came meanwhile
 
@@ -148,6 +143,18 @@ class Server:
             self.socket.send_multipart(envelope + frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
             log.warning("reply dropped: %s", exc)
+
+
+def _error_frames(request_id: Any, op: str, exc: BaseException) -> list:
+    """The one place an exception becomes an error reply: its own code, or shutting_down, or internal."""
+    if isinstance(exc, EmbedError):
+        error = exc
+    elif isinstance(exc, asyncio.CancelledError):  # the drain at shutdown cancelled it
+        error = ShuttingDown("the daemon stopped before this request finished; retry")
+    else:
+        log.error("%s request %r failed", op, request_id, exc_info=exc)
+        error = InternalError(f"internal error: {exc}")
+    return protocol.encode_error(request_id, error)
 
 
 def _split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:

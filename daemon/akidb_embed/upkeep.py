@@ -54,7 +54,7 @@ class Upkeep:
             return  # a load's memory is in no charge until it is done: judge the next round
         loaded = {e.id: e for e in registry.entries.values() if e.model is not None}
         charges = registry.book_charges()  # peaks seen serving may have raised them
-        batches = {model_id: e.model.batcher.batches_run for model_id, e in loaded.items()}
+        batches = {model_id: e.model.batches_run for model_id, e in loaded.items()}
         active = sorted(m for m, e in loaded.items() if e.model.in_flight or batches[m] != self._batches.get(m))
         self._batches = batches
         slack = max(GROWTH_FLOOR, GROWTH_SLACK * charges)
@@ -79,7 +79,7 @@ class Upkeep:
 
     def relieve_pressure(self) -> None:
         registry, memory = self.registry, self.registry.settings.memory
-        sample = registry.monitor.sample()
+        sample = registry.memory_sample()
         residents = registry.residents()
         cap, charged = memory.model_memory_mb * MIB, sum(r.footprint for r in residents) + registry.unaccounted
         if cap and charged > cap:  # the daemon's own growth pushed it past the cap
@@ -103,7 +103,7 @@ class Upkeep:
 
 async def warm_start(registry: Registry) -> None:
     """Reload pinned models, then those warm before the last stop, most recent first, as memory allows."""
-    order = [e.id for e in registry.entries.values() if e.pinned] + registry.store.state.warm
+    order = [e.id for e in registry.entries.values() if e.pinned] + registry.warm_models()
     for model_id in dict.fromkeys(order):
         entry = registry.entries.get(model_id)
         if entry is None or entry.state != "available":
