@@ -4,14 +4,14 @@ Counters since start; a sliding window (the last minute, at most ``WINDOW_LIMIT`
 rates and latency percentiles; cumulative latency histograms for Prometheus. Each request's
 latency is split into queue wait (submitted until its model's worker took it), inference
 (tokenize, run, pool) and end to end (arrival until the reply is ready, a cold load included).
-Updated and read on the event-loop thread only; recording a request is a few appends.
+Updated and read on the event-loop thread only; recording a request is a few array writes.
 """
 
 from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,32 +64,40 @@ class ModelStats:
         self.evictions = 0
         self.swaps = 0
         self.histograms = {stage: Histogram() for stage in STAGES}
-        self._window: deque[tuple[float, int, Timing]] = deque(maxlen=WINDOW_LIMIT)
+        # The window: a ring of the last WINDOW_LIMIT requests (arrays, so a percentile is one numpy call).
+        self._times = np.full(WINDOW_LIMIT, -np.inf)  # time.monotonic() when served; -inf: empty slot
+        self._texts = np.zeros(WINDOW_LIMIT, np.int64)
+        self._latency = np.zeros((WINDOW_LIMIT, len(STAGES)))
 
     def served(self, texts: int, timing: Timing) -> None:
         self.requests += 1
         self.texts += texts
-        for stage in STAGES:
-            self.histograms[stage].observe(getattr(timing, stage))
-        self._window.append((time.monotonic(), texts, timing))
+        seconds = (timing.queue, timing.inference, timing.total)
+        for stage, value in zip(STAGES, seconds):
+            self.histograms[stage].observe(value)
+        slot = self.requests % WINDOW_LIMIT
+        self._times[slot], self._texts[slot], self._latency[slot] = time.monotonic(), texts, seconds
 
     def failed(self, code: str) -> None:
         self.errors[code] += 1
 
     def describe(self) -> dict[str, Any]:
         """The figures as plain data: counters, the last minute's rates and latency percentiles (ms)."""
-        recent = self._recent()
+        now = time.monotonic()
+        recent = self._times >= now - WINDOW_SECONDS
+        count = int(recent.sum())
         span = WINDOW_SECONDS
-        if len(recent) == WINDOW_LIMIT:  # the window is full before a minute passes: rates over what it holds
-            span = max(time.monotonic() - recent[0][0], 1e-3)
+        if count == WINDOW_LIMIT:  # the window filled up in under a minute: rates over the time it holds
+            span = max(now - float(self._times.min()), 1e-3)
+        latency = _percentiles(self._latency[recent])
         return {
             "requests": self.requests,
             "texts": self.texts,
             "errors": dict(self.errors),
-            "qps": round(len(recent) / span, 2),
-            "texts_per_s": round(sum(texts for _, texts, _ in recent) / span, 1),
-            "window_requests": len(recent),
-            "latency_ms": {stage: _percentiles([getattr(t, stage) for _, _, t in recent]) for stage in STAGES},
+            "qps": round(count / span, 2),
+            "texts_per_s": round(float(self._texts[recent].sum()) / span, 1),
+            "window_requests": count,
+            "latency_ms": dict(zip(STAGES, latency)),
             "hits": self.hits,
             "misses": self.misses,
             "hit_rate": round(self.hits / (self.hits + self.misses), 4) if self.hits + self.misses else None,
@@ -98,17 +106,10 @@ class ModelStats:
             "swaps": self.swaps,
         }
 
-    def _recent(self) -> list[tuple[float, int, Timing]]:
-        """The window's requests of the last minute (older ones are dropped here, not on every request)."""
-        horizon = time.monotonic() - WINDOW_SECONDS
-        while self._window and self._window[0][0] < horizon:
-            self._window.popleft()
-        return list(self._window)
 
-
-def _percentiles(seconds: list[float]) -> dict[str, float | None]:
-    """p50/p95/p99 in ms, None for an empty window (no figure rather than a made-up zero)."""
-    if not seconds:
-        return {f"p{p}": None for p in PERCENTILES}
-    values = np.percentile(np.asarray(seconds) * 1e3, PERCENTILES)
-    return {f"p{p}": round(float(v), 3) for p, v in zip(PERCENTILES, values)}
+def _percentiles(seconds: np.ndarray) -> list[dict[str, float | None]]:
+    """p50/p95/p99 in ms of each stage (column), None for an empty window (no figure rather than a made-up 0)."""
+    if not len(seconds):
+        return [{f"p{p}": None for p in PERCENTILES} for _ in STAGES]
+    values = np.percentile(seconds * 1e3, PERCENTILES, axis=0)  # [percentile, stage]
+    return [{f"p{p}": round(float(v), 3) for p, v in zip(PERCENTILES, column)} for column in values.T]
