@@ -75,7 +75,9 @@ def embed_fields(
         "truncate": truncate,
         "prompt": prompt,
         "dimensions": dimensions,
-        # The daemon drops work whose caller has given up waiting for this attempt.
+        # The daemon drops work whose caller has given up waiting for this attempt. It counts
+        # from its receipt of the request, a cold load included: past it, the request is
+        # answered overloaded instead of being run.
         "timeout_ms": max(1, round(timeout * 1000)),
         "keep_alive": keep_alive,
     }
@@ -123,9 +125,10 @@ def unavailable(path: str, tries: int, timeout: float, op: str | None = None) ->
 class Client:
     """Blocking client; one per thread. Use as a context manager or call ``close()``.
 
-    ``timeout`` is the seconds to wait for each of the ``retries`` tries of a call. ``load``
-    answers only once the model is loaded, which can take minutes for a large model: give
-    the client that loads it a larger timeout, e.g. ``Client(timeout=300)``.
+    ``timeout`` is the seconds to wait for each of the ``retries`` tries of a call. An ``embed``
+    also sends it as ``timeout_ms``, which the daemon counts from its receipt, a cold load
+    included. ``load`` answers only once the model is loaded, which can take minutes for a
+    large model: give the client that loads it a larger timeout, e.g. ``Client(timeout=300)``.
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 10.0, retries: int = 3) -> None:
@@ -159,7 +162,10 @@ class Client:
         return self._call("models").result["models"]
 
     def load(self, model: str, keep_alive: float | None = None) -> dict[str, Any]:
-        """Load a model and return its description once it is loaded; see the class doc on timeouts."""
+        """Load a model (a loaded one is not loaded again) and return its description once it is loaded.
+
+        See the class doc on timeouts.
+        """
         return model_of(self._call("load", model=model, keep_alive=keep_alive))
 
     def unload(self, model: str) -> dict[str, Any]:
@@ -175,7 +181,10 @@ class Client:
         return model_of(self._call("unpin", model=model))
 
     def tune(self, model: str) -> dict[str, Any]:
-        """Measure the model's memory and speed settings again on this machine, reload it with them, return its description."""
+        """Measure the model's memory and speed settings again on this machine, reload it with them, return its description.
+
+        A loaded model keeps serving until the new copy swaps in; one that is not loaded is loaded first, then measured.
+        """
         return model_of(self._call("tune", model=model))
 
     def status(self) -> dict[str, Any]:
