@@ -208,3 +208,14 @@ def test_loading_a_loaded_model_and_bad_requests_cause_no_load(catalog: Path) ->
         with pytest.raises(errors.BadRequest):
             client.embed("x", model="qwen3-tiny", dimensions=7)
         assert states(daemon)["qwen3-tiny"] == "available"
+
+
+def test_a_refused_request_leaves_keep_alive_as_it_was(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        client.embed("x", model="e5-tiny", keep_alive=120)
+        for loaded in (True, False):
+            with pytest.raises(errors.BadRequest):
+                client.embed("x", model="e5-tiny", keep_alive=5, dimensions=7)
+            keep_alive = next(m["keep_alive"] for m in client.models() if m["id"] == "e5-tiny")
+            assert keep_alive == (120 if loaded else 300)
+            client.unload("e5-tiny")

@@ -68,11 +68,13 @@ class Engine:
 
     async def _run(self, entry: Entry, texts: list[str], fields: dict[str, Any], arrived: float) -> tuple[LoadedModel, Job]:
         """The model that served the request and its finished job."""
-        if entry.model is None:
-            self._job(entry.manifest, texts, fields, arrived)  # a bad request fails before it can cause a load
+        # Checked before the model is taken: a bad request neither causes a load nor sets keep_alive.
+        serving = entry.model.manifest if entry.model else entry.manifest
+        job = self._job(serving, texts, fields, arrived)
         model = await self.registry.acquire(entry.id, fields.get("keep_alive"))
         try:
-            job = self._job(model.manifest, texts, fields, arrived)
+            if model.manifest is not serving:  # loaded, or swapped, meanwhile: the version that serves decides
+                job = self._job(model.manifest, texts, fields, arrived)
             model.submit(job)
             await job.future
         finally:

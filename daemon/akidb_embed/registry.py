@@ -262,6 +262,7 @@ class Registry:
                 raise ModelUnavailable(f"model {entry.id!r} was removed while loading")
             return await self._load_newest(entry)
         old, entry.model = entry.model, model
+        entry.update_error = None  # what kept an earlier version from serving is over
         if old is not None:
             log.info("model %s: swapped to fingerprint %s", entry.id, model.fingerprint)
             entry.stats.swaps += 1

@@ -2,7 +2,7 @@
 
 Requests arrive as ``[identity, b"", request]`` (REQ clients; DEALER clients send the empty
 delimiter themselves). Cheap ops are answered inline; each op that waits (embed, load, pin,
-unload) becomes a task, so the loop never waits on tokenization, inference or a load. This module is also the one place where
+unload, tune) becomes a task, so the loop never waits on tokenization, inference or a load. This module is also the one place where
 exceptions become error replies: every request gets exactly one reply.
 """
 
