@@ -24,7 +24,7 @@ from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, Unkn
 from . import cache
 from .footprint import Footprint
 from .loader import LoadedModel, load_model
-from .manifest import Manifest, ManifestError, load_manifest, model_files
+from .manifest import Manifest, ManifestError, load_manifest, version_files
 from .memory import MIB, MemoryMonitor, process_rss
 from .settings import Settings
 from .state import ModelRecord, StateStore
@@ -366,9 +366,10 @@ def _read_entry(path: Path) -> Entry:
 
 
 def _file_stats(manifest: Manifest) -> tuple:
-    """Size, mtime and inode of every file the model is made of: a replaced file is a new version."""
+    """Size, mtime and inode of every file the model is made of, golden vectors included: a replaced file is a new
+    version."""
     stats = []
-    for path in model_files(manifest):
+    for path in version_files(manifest):
         try:
             st = path.stat()
             stats.append((st.st_size, st.st_mtime_ns, st.st_ino))

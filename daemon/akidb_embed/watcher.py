@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -34,8 +33,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
-if TYPE_CHECKING:
-    from .manifest import Manifest
+from .manifest import Manifest, version_files
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +219,8 @@ def is_temporary(name: str) -> bool:
 
 
 def model_directories(manifests: Iterable[Manifest]) -> set[Path]:
-    """The directories of the files the manifests name (the daemon's ``extra_directories``)."""
-    return {path.parent for manifest in manifests for path in (manifest.model, manifest.tokenizer)}
+    """The directories of the files the manifests name, golden vectors included (the daemon's ``extra_directories``)."""
+    return {path.parent for manifest in manifests for path in version_files(manifest)}
 
 
 def _identity(path: str) -> tuple[int, int]:
