@@ -41,7 +41,8 @@ MODELS = [
      "default": True, "error": None, "family": "test", "pinned": True, "keep_alive": 300.0,
      "memory_mb": 87.4, "memory_source": "measured", "weights_mb": 23.1, "work_mb": 64.0, "peak_mb": 51.5,
      "loaded_at": 1000.0, "last_used": 1010.0,
-     "in_flight": 2, "requests": 41, "served": 950, "load_ms": 412.3},
+     "in_flight": 2, "requests": 41, "served": 950, "load_ms": 412.3, "verification": "passed",
+     "selftest": {"min_cosine": 0.999998, "mean_cosine": 0.999999, "tolerance": 0.999, "texts": 31, "ms": 41.5}},
     {"id": "broken", "state": "failed", "dimension": 8, "pooling": "cls", "max_length": 512,
      "default": False, "error": "model.onnx is missing", "pinned": False, "keep_alive": -1,
      "memory_mb": 90, "memory_source": "manifest", "loaded_at": None, "last_used": None,
@@ -362,12 +363,14 @@ def test_cli_models_table(serve: Callable[..., StandIn], capsys: pytest.CaptureF
     assert run_cli(["models", "--socket", str(daemon.path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split("  ")[:2] == ["id", ""] and [h.strip() for h in lines[0].split("  ") if h.strip()] == [
-        "id", "state", "pinned", "memory", "weights/work/peak", "last used", "in-flight", "requests", "dim", "default"]
-    assert lines[2].split() == ["mini", "ready", "*", "87", "MB", "23/64/52", "MB", "12s", "ago", "2", "41", "3", "*"]
-    assert lines[3].split() == ["broken", "failed", "~90", "MB", "-", "-", "0", "0", "8"]
-    assert lines[4].split() == [long_id, "available", "~1120", "MB", "-", "-", "-", "-", "1024"]
+        "id", "state", "verified", "pinned", "memory", "weights/work/peak", "last used", "in-flight", "requests", "dim",
+        "default"]
+    assert lines[2].split() == ["mini", "ready", "yes", "*", "87", "MB", "23/64/52", "MB", "12s", "ago", "2", "41", "3",
+                                "*"]
+    assert lines[3].split() == ["broken", "failed", "-", "~90", "MB", "-", "-", "0", "0", "8"]  # an older daemon's reply
+    assert lines[4].split() == [long_id, "available", "-", "~1120", "MB", "-", "-", "-", "-", "1024"]
     assert lines[6] == "broken: model.onnx is missing" and lines[7].startswith(f"{long_id}: xxx")
-    assert max(len(line) for line in lines[:5]) <= 140
+    assert max(len(line) for line in lines[:5]) <= 150  # a 40-character id, and the verified column
     assert run_cli(["models", "--json", "--socket", str(daemon.path)]) == 0
     assert json.loads(capsys.readouterr().out)[1] == MODELS[1]
 

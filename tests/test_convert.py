@@ -1,4 +1,5 @@
-"""``akidb-embed convert`` on the real all-MiniLM-L6-v2: files, manifest, fusions, parity, int8, refusals. No mocks."""
+"""``akidb-embed convert`` on the real all-MiniLM-L6-v2: files, manifest, fusions, parity, golden vectors, int8,
+refusals. No mocks."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 from minilm import find_minilm_source
 
 from akidb_embed.convert import DEFAULT_SENTENCES, ConversionError, ConversionReport, _toml, add_parser, convert
-from akidb_embed.manifest import Conversion, load_manifest
+from akidb_embed.manifest import Conversion, Golden, load_manifest
+from akidb_embed.parity import GOLDEN_MARGIN, GOLDEN_TEXTS
 from akidb_embed.tomlcompat import tomllib
 
 DAEMON_DIR = Path(__file__).resolve().parents[1] / "daemon"
@@ -54,9 +56,9 @@ def int8(tmp_path_factory: pytest.TempPathFactory) -> Converted:
 
 
 def test_fp32_writes_model_tokenizer_and_a_loadable_manifest(fp32: Converted) -> None:
-    """1. out dir holds exactly model.onnx, tokenizer.json, config.json  2. no temp folder left  3. manifest loads
+    """1. out dir holds exactly model.onnx, tokenizer.json, config.json, golden.npz  2. no temp folder left  3. manifest loads
     with the facts, memory_mb measured: the weights and a working budget, within the 220 MiB MiniLM is allowed."""
-    assert sorted(p.name for p in fp32.out_dir.iterdir()) == ["config.json", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in fp32.out_dir.iterdir()) == ["config.json", "golden.npz", "model.onnx", "tokenizer.json"]
     assert [p.name for p in fp32.out_dir.parent.iterdir()] == [fp32.out_dir.name]
     assert fp32.manifest == fp32.out_dir.parent.parent / "models.d" / "all-minilm-l6-v2.toml"
     m = load_manifest(fp32.manifest)
@@ -133,13 +135,34 @@ def test_int8_meets_its_gate_and_is_smaller(int8: Converted, fp32: Converted) ->
     assert report.precision == "int8" and report.mean_cosine >= 0.99 and report.min_cosine >= 0.97
     assert report.fusions == MINILM_FUSIONS and "quantizing weights to int8" in int8.messages
     assert size < fp32_size / 3
-    assert sorted(p.name for p in int8.out_dir.iterdir()) == ["config.json", "minilm-int8.toml", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in int8.out_dir.iterdir()) == [
+        "config.json", "golden.npz", "minilm-int8.toml", "model.onnx", "tokenizer.json"]
     data = tomllib.loads(int8.manifest.read_text())
     assert (data["model"], data["tokenizer"]) == ("model.onnx", "tokenizer.json")
     m = load_manifest(int8.manifest)
     assert m.model == int8.out_dir / "model.onnx" and m.memory_mb is not None and m.precision == "int8"
     assert f"int8 parity: min cosine {report.min_cosine:.6f}" in int8.manifest.read_text()
     assert m.memory_mb < load_manifest(fp32.manifest).memory_mb - 60  # ~65 MiB less of weights, the same activations
+
+
+def test_golden_vectors_cover_languages_and_truncation(fp32: Converted, int8: Converted) -> None:
+    """1. golden.npz holds every golden text (5+ languages) and one cut at max_length, sentence-transformers' unit
+    vectors and the token counts  2. [golden]: fp32 needs 0.999, int8 what convert measured less the margin."""
+    with np.load(fp32.out_dir / "golden.npz", allow_pickle=False) as data:
+        texts, vectors, tokens = list(data["texts"]), data["vectors"], data["tokens"]
+    assert set(texts) >= {text for _, text in GOLDEN_TEXTS} and {"en", "de", "es", "ru", "zh"} <= {
+        language for language, _ in GOLDEN_TEXTS}
+    assert vectors.shape == (len(texts), 384) and vectors.dtype == np.float32 and tokens.dtype == np.int32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    assert tokens.max() == 256 and tokens.min() >= 3 and len(texts) <= 32  # one text is cut at max_length
+    assert load_manifest(fp32.manifest).golden == Golden(fp32.out_dir / "golden.npz", 0.999)
+    golden = load_manifest(int8.manifest).golden
+    (line,) = [m for m in int8.messages if m.startswith("golden vectors:")]
+    measured = float(line.split("min cosine ")[1].split(";")[0])
+    print(f"\nint8 golden: {line}")
+    assert golden is not None and golden.path == int8.out_dir / "golden.npz"
+    assert measured - GOLDEN_MARGIN - 1e-4 <= golden.min_cosine <= measured - GOLDEN_MARGIN < 0.999
+    assert 'file = "golden.npz"' in int8.manifest.read_text()  # relative, like model and tokenizer
 
 
 def test_parity_failure_names_the_figures_and_writes_nothing(tmp_path: Path) -> None:

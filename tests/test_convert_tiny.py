@@ -21,7 +21,7 @@ from daemon_process import run_daemon
 from akidb_embed.backend import DeviceMemory, OnnxBackend
 from akidb_embed.convert import ConversionReport, add_parser, convert
 from akidb_embed.manifest import fingerprint, load_manifest
-from akidb_embed.parity import DEFAULT_SENTENCES, Yardstick
+from akidb_embed.parity import DEFAULT_SENTENCES, GOLDEN_PROMPTED, GOLDEN_TEXTS, Yardstick
 from akidb_embed.tokenize import Padded, TextEncoder
 from akidb_embed_client import errors
 
@@ -31,6 +31,7 @@ transformers = pytest.importorskip("transformers")
 BERT_FUSIONS = {"EmbedLayerNormalization": 1, "Attention": 2, "BiasGelu": 2, "LayerNormalization": 4}
 # 2 layers x (input, post-attention, q, k norms) + the final norm; the residual adds fold into 4 of them.
 QWEN3_FUSIONS = {"SimplifiedLayerNormalization": 5, "SkipSimplifiedLayerNormalization": 4}
+QWEN3_PROMPTS = {"query": "Instruct: Given a web search query, retrieve relevant passages\nQuery:", "short": "q: "}
 PADDED_TEXTS = ["hi", "what is the capital of france", "the cat sat on the mat while the weather was cold and rainy"]
 
 
@@ -84,6 +85,7 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "1_Pooling").mkdir()
     pooling = {"word_embedding_dimension": 32, "pooling_mode": "lasttoken"}
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": QWEN3_PROMPTS}))
     return folder
 
 
@@ -189,6 +191,24 @@ def test_qwen3_fusion_applies_and_left_padding_stays_correct(qwen3_pair: tuple[C
         _assert_padding_stays_out(converted.manifest)
     texts = list(DEFAULT_SENTENCES)
     assert _cosines(_embed(fused.manifest, texts), _embed(unfused.manifest, texts)).min() >= 0.9999
+
+
+def test_golden_vectors_hold_each_prompt_and_pass_the_daemons_self_test(qwen3_pair: tuple[Converted, Converted]) -> None:
+    """1. golden.npz holds the golden texts, one over max_length, and each named prompt on two texts, with
+    sentence-transformers' token counts  2. a daemon loads the model verified: passed, min cosine >= 0.999."""
+    converted = qwen3_pair[0]
+    m = load_manifest(converted.manifest)
+    assert m.prompts == QWEN3_PROMPTS and m.golden is not None and m.golden.min_cosine == 0.999
+    with np.load(m.golden.path, allow_pickle=False) as data:
+        texts, tokens = list(data["texts"]), data["tokens"]
+    assert [t for t in texts if t.startswith(tuple(QWEN3_PROMPTS.values()))] == [
+        prefix + text for prefix in QWEN3_PROMPTS.values() for text in GOLDEN_PROMPTED]
+    assert set(texts) >= {text for _, text in GOLDEN_TEXTS} and tokens.max() == m.max_length
+    with run_daemon(converted.manifest.parent) as daemon, daemon.client() as client:
+        assert client.embed(["hello"], model=m.id).model == m.id
+        (info,) = client.models()
+    assert info["verification"] == "passed" and info["selftest"]["min_cosine"] >= 0.999
+    assert info["selftest"]["texts"] == len(texts)
 
 
 def test_int8_gate_needs_the_minimum_as_well_as_the_mean(bert_pair: tuple[Converted, Converted]) -> None:

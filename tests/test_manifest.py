@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from akidb_embed import settings as settings_module
-from akidb_embed.manifest import Conversion, Manifest, ManifestError, fingerprint, load_manifest
+from akidb_embed.manifest import (
+    Conversion, Golden, Manifest, ManifestError, fingerprint, load_manifest, model_files as files_of, version_files,
+)
 from akidb_embed.settings import DEFAULT_SOCKET, SOCKET_ENV, Limits, Settings, SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +147,7 @@ def test_full_manifest_round_trips(tmp_path: Path) -> None:
         "providers": ["cuda", "cpu"],
         "precision": "fp16",
         "conversion": {"source": "../src/mini", "fuse": False},  # relative: from the manifest's folder
+        "golden": {"file": "../files/golden.npz", "min_cosine": 0.985},  # relative too
     }
     path = write_manifest(tmp_path, **fields)
     manifest = load_manifest(path)
@@ -155,6 +158,7 @@ def test_full_manifest_round_trips(tmp_path: Path) -> None:
     assert manifest.providers == ("cuda", "cpu")
     assert manifest.prompts == {"query": "query: ", "passage": "passage: "}
     assert manifest.conversion == Conversion((tmp_path / "src" / "mini").resolve(), fuse=False)
+    assert manifest.golden == Golden((tmp_path / "files" / "golden.npz").resolve(), 0.985)
     assert manifest.describe() == {
         "id": "mini", "name": "org/Mini-Model", "family": "minilm", "params": 22713216, "dimension": 8,
         "max_length": 32, "pooling": "last_token", "normalize": False, "prompts": ["passage", "query"],
@@ -285,6 +289,31 @@ def test_bad_conversion_table(tmp_path: Path, conversion: dict, fragments: tuple
     assert_refused(write_manifest(tmp_path, conversion=conversion), *fragments)
 
 
+@pytest.mark.parametrize(
+    ("golden", "fragments"),
+    [
+        ({"min_cosine": 0.999}, ("[golden] needs `file`", "convert --again")),
+        ({"file": "golden.npz"}, ("[golden] needs `min_cosine`",)),
+        ({"file": "golden.npz", "min_cosine": 0.999, "tolerance": 0.1}, ("unknown key 'tolerance' in [golden]",
+                                                                         "file, min_cosine")),
+        ({"file": 3, "min_cosine": 0.999}, ("[golden] file must be a str, not int",)),
+        ({"file": "golden.npz", "min_cosine": "0.999"}, ("[golden] min_cosine must be a float, not str",)),
+        ({"file": "golden.npz", "min_cosine": True}, ("[golden] min_cosine must be a float, not bool",)),
+        ({"file": "golden.npz", "min_cosine": 0.0}, ("[golden] min_cosine must be in (0, 1], not 0.0",)),
+        ({"file": "golden.npz", "min_cosine": 1.5}, ("[golden] min_cosine must be in (0, 1], not 1.5",)),
+        ({"file": "golden.npz", "min_cosine": -0.5}, ("min_cosine must be in (0, 1]",)),
+    ],
+)
+def test_bad_golden_table(tmp_path: Path, golden: dict, fragments: tuple[str, ...]) -> None:
+    assert_refused(write_manifest(tmp_path, golden=golden), "mini.toml", *fragments)
+
+
+def test_golden_is_optional_and_min_cosine_may_be_one(tmp_path: Path) -> None:
+    assert load_manifest(write_manifest(tmp_path)).golden is None
+    golden = load_manifest(write_manifest(tmp_path, golden={"file": "/g/golden.npz", "min_cosine": 1})).golden
+    assert golden == Golden(Path("/g/golden.npz"), 1.0) and isinstance(golden.min_cosine, float)
+
+
 # --- prompts -----------------------------------------------------------------------------------------
 
 PROMPTS = {"query": "query: ", "passage": "passage: "}
@@ -355,6 +384,16 @@ def test_fingerprint_changes_with_pooling_settings(fingerprinted: tuple[Path, st
     assert fingerprint(load_manifest(write_manifest(tmp_path, **change))) != first
 
 
+def test_golden_vectors_are_a_version_file_but_not_content(fingerprinted: tuple[Path, str], tmp_path: Path) -> None:
+    """New golden vectors reload the model (version_files) but compute nothing differently (same fingerprint)."""
+    path, first = fingerprinted
+    without = load_manifest(path)
+    assert version_files(without) == files_of(without)
+    with_golden = load_manifest(write_manifest(tmp_path, golden={"file": "../files/golden.npz", "min_cosine": 0.99}))
+    assert fingerprint(with_golden) == first
+    assert version_files(with_golden) == [*files_of(with_golden), tmp_path / "files" / "golden.npz"]
+
+
 def test_fingerprint_changes_with_external_onnx_data(fingerprinted: tuple[Path, str], tmp_path: Path) -> None:
     path, _ = fingerprinted
     data = tmp_path / "files" / "model.onnx.data"
@@ -362,6 +401,13 @@ def test_fingerprint_changes_with_external_onnx_data(fingerprinted: tuple[Path, 
     before = fingerprint(load_manifest(path))
     data.write_bytes(b"weights v2")
     assert fingerprint(load_manifest(path)) != before
+
+
+def test_temporaries_beside_the_graph_are_not_its_data(fingerprinted: tuple[Path, str], tmp_path: Path) -> None:
+    path, first = fingerprinted
+    for name in ("model.onnx.part", "model.onnx~", "model.onnx.dpkg-new", "model.onnx.data.tmp"):
+        (tmp_path / "files" / name).write_bytes(b"half a download")
+    assert fingerprint(load_manifest(path)) == first
 
 
 # --- settings --------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ def expected() -> tuple[list[str], np.ndarray]:
 
 
 def test_daemon_matches_sentence_transformers(minilm_catalog: Path, expected: tuple[list[str], np.ndarray]) -> None:
-    """1. 4 clients send the sentences in requests of 1..16  2. vectors come back in order  3. cosine ≥ 0.9999 each."""
+    """1. 4 clients send the sentences in requests of 1..16  2. vectors come back in order  3. cosine ≥ 0.9999 each
+    4. the model passed its load self-test on the golden vectors convert stored."""
     texts, want = expected
     got = np.zeros_like(want)
     chunks, start = [], 0
@@ -51,6 +52,9 @@ def test_daemon_matches_sentence_transformers(minilm_catalog: Path, expected: tu
             thread.join()
         with daemon.client() as client:
             reply = client.embed(texts[:2])
+            (info,) = client.models()
+    assert info["verification"] == "passed" and info["selftest"]["min_cosine"] >= 0.999, info["selftest"]
+    print(f"\nself-test {info['selftest']}, load {info['load_ms']} ms")
     assert reply.model == "all-minilm-l6-v2" and reply.shape == (2, 384) and len(reply.fingerprint) == 16
     assert not (got == 0).all(axis=1).any(), "a sentence got no vector"
     cosines = (got * want).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))

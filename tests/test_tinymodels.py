@@ -244,4 +244,4 @@ def test_write_manifest_escapes_strings(tmp_path: Path, models: dict[str, Path])
     assert "params" not in data and data["languages"] == ["en", "fr"]
     assert load_manifest(path).resolve_prompt(None) == "x: "
     with pytest.raises(TypeError):
-        tm.write_manifest(tmp_path, "bad", models["encoder"], **{**tm.BGE_FIELDS, "memory_mb": 1.5})
+        tm.write_manifest(tmp_path, "bad", models["encoder"], **{**tm.BGE_FIELDS, "memory_mb": b"1.5"})

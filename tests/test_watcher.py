@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from akidb_embed.watcher import CatalogWatcher, is_temporary
+from akidb_embed.manifest import is_temporary
+from akidb_embed.watcher import CatalogWatcher
 
 QUIET = 0.6  # s without a call that shows an event was ignored
 SETTLE = 0.35  # s for stray calls after a burst to show up (over twice the debounce)

@@ -2,7 +2,8 @@
 
 Weights are random (fixed seed): the models are for plumbing, but every output position depends on
 the other tokens through ``attention_mask`` (and ``position_ids`` for the decoder), so pooling or
-padding mistakes change the vectors. ``reference_embed`` is the independent, unpadded yardstick.
+padding mistakes change the vectors. ``reference_embed`` is the independent, unpadded yardstick, and
+``write_golden`` stores its vectors as a model's golden vectors for the daemon's load self-test.
 ``build_attention_encoder`` is a real one-layer multi-head self-attention encoder: its activations grow
 with batch x heads x length^2, as a real BERT's do, for the memory tests.
 """
@@ -321,8 +322,8 @@ def _toml_key(key: str) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):  # before int: bool is an int subclass
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
     if isinstance(value, str):
         return toml_string(value)
     if isinstance(value, (list, tuple)):
@@ -330,8 +331,12 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to a manifest")
 
 
-def write_manifest(catalog: Path, model_id: str, model_dir: Path, **fields: Any) -> Path:
-    """Write <catalog>/<model_id>.toml pointing at model_dir's files; fields override, None ones are left out."""
+def write_manifest(
+    catalog: Path, model_id: str, model_dir: Path, golden: Path | None = None, min_cosine: float = 0.999,
+    **fields: Any,
+) -> Path:
+    """Write <catalog>/<model_id>.toml pointing at model_dir's files (and a [golden] table for ``golden``); fields
+    override, None ones are left out."""
     catalog.mkdir(parents=True, exist_ok=True)
     # Relative paths exercise the manifest's "resolve against its folder" rule.
     data: dict[str, Any] = {
@@ -340,6 +345,8 @@ def write_manifest(catalog: Path, model_id: str, model_dir: Path, **fields: Any)
         "tokenizer": os.path.relpath(model_dir / TOKENIZER_FILE, catalog),
         **fields,
     }
+    if golden is not None:
+        data["golden"] = {"file": os.path.relpath(golden, catalog), "min_cosine": min_cosine}
     scalars = [
         f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, Mapping)
     ]
@@ -381,3 +388,24 @@ def reference_embed(
         if normalize:
             vector = vector / np.linalg.norm(vector)
     return vector.astype(np.float32)
+
+
+# Short to long, several scripts; the last is over the tiny models' max_length so truncation is exercised.
+GOLDEN_TEXTS = (
+    "hi", "What is the capital of France?", "cheap hotel near the train station",
+    "Der Zug nach Berlin fährt um 6:45 Uhr ab.", "¿Dónde está la estación?", "Москва — столица России.",
+    "北京是中国的首都。", " ".join(_CORPUS.splitlines() * 3),
+)
+
+
+def write_golden(
+    path: Path, model_dir: Path, pooling: str, texts: tuple[str, ...] = GOLDEN_TEXTS, max_length: int = 512
+) -> Path:
+    """Golden vectors for model_dir at ``path``: reference_embed's vectors and token counts of ``texts``."""
+    tok = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    vectors = np.stack([reference_embed(model_dir, text, pooling, max_length=max_length) for text in texts])
+    tokens = [len(encoding.ids) for encoding in tok.encode_batch(list(texts))]
+    np.savez(path, texts=np.array(texts, dtype=np.str_), vectors=vectors, tokens=np.array(tokens, dtype=np.int32))
+    return path

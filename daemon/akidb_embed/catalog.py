@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .loader import LoadedModel
-from .manifest import Manifest, ManifestError, load_manifest, model_files
+from .manifest import Manifest, ManifestError, load_manifest, version_files
 from .stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,10 @@ def read_entry(path: Path) -> Entry:
 
 
 def file_stats(manifest: Manifest) -> tuple:
-    """Size, mtime and inode of every file the model is made of: a replaced file is a new version."""
+    """Size, mtime and inode of every file the model is made of, golden vectors included: a replaced file is a new
+    version."""
     stats = []
-    for path in model_files(manifest):
+    for path in version_files(manifest):
         try:
             st = path.stat()
             stats.append((st.st_size, st.st_mtime_ns, st.st_ino))

@@ -147,14 +147,20 @@ def status_command(args: argparse.Namespace) -> int:
     return _show(args, Client.status, status_lines)
 
 
+# The models reply's verification, as the table's "verified" column shows it ("-": a daemon without self-tests).
+_VERIFIED = {"passed": "yes", "unverified": "unverified", "pending": "pending"}
+
+
 def models_table(models: Sequence[dict[str, Any]], now: float | None = None) -> str:
     """One row per model, then the error of each model that has one."""
     now = time.time() if now is None else now
-    headers = ["id", "state", "pinned", "memory", "weights/work/peak", "last used", "in-flight", "requests", "dim", "default"]
+    headers = ["id", "state", "verified", "pinned", "memory", "weights/work/peak", "last used", "in-flight", "requests",
+               "dim", "default"]
     rows = [
-        [str(m.get("id", "")), str(m.get("state", "")), "*" if m.get("pinned") else "", memory_cell(m), parts_cell(m),
-         ago(m.get("last_used"), now), _scalar(m.get("in_flight")), _scalar(m.get("requests")),
-         _scalar(m.get("dimension")), "*" if m.get("default") else ""]
+        [str(m.get("id", "")), str(m.get("state", "")), _VERIFIED.get(m.get("verification"), "-"),
+         "*" if m.get("pinned") else "", memory_cell(m), parts_cell(m), ago(m.get("last_used"), now),
+         _scalar(m.get("in_flight")), _scalar(m.get("requests")), _scalar(m.get("dimension")),
+         "*" if m.get("default") else ""]
         for m in models
     ]
     if not rows:

@@ -2,7 +2,8 @@
 
 The steps: read the folder's settings (modelfolder.py), run sentence-transformers for the reference vectors, build
 and check the graph (export.py: fused for ONNX Runtime unless ``--no-fuse``, then int8 or fp16 if asked; each
-checked by parity.py), measure its memory, then publish the files and the manifest. The manifest records how it
+checked by parity.py), store the golden vectors of the daemon's load self-test (selftest.py), measure its memory,
+then publish the files and the manifest. The manifest records how it
 was made (its ``[conversion]`` table), so ``convert --again MANIFEST`` redoes it in one command.
 
 torch & co. are imported inside functions only: the daemon imports this package and must never pull torch in.
@@ -28,7 +29,8 @@ from .footprint import Request, measure_in_child
 from .manifest import ID_PATTERN, POOLINGS, ManifestError, load_manifest, parse_manifest
 from .memory import MIB
 from .modelfolder import ConversionError, read_settings
-from .parity import DEFAULT_SENTENCES, GATES, Yardstick
+from .parity import DEFAULT_SENTENCES, GATES, Yardstick, write_golden_vectors
+from .selftest import GOLDEN_FILE
 from .settings import Limits
 from .tomlcompat import tomllib
 
@@ -41,7 +43,7 @@ PRECISION_CHOICES = ("fp32", "fp16")  # --precision; int8 is --quantize int8
 # The manifest fields convert derives; convert --again keeps a manifest's other fields (default, pinned, ...).
 _DERIVED_FIELDS = frozenset({"id", "name", "family", "params", "model", "tokenizer", "dimension", "precision",
                              "max_length", "pooling", "normalize", "padding_side", "license", "languages",
-                             "multilingual", "prompts", "memory_mb", "conversion"})
+                             "multilingual", "prompts", "memory_mb", "conversion", "golden"})
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ def convert(src: Path, model_id: str, out_dir: Path, manifest_dir: Path | None =
     _check_arguments(model_id, quantize, precision, max_length, pooling)
     info = read_settings(src, model_id, max_length, pooling)
     precision = "int8" if quantize else precision  # what the published graph is
-    model, yardstick = _reference(src, info, list(sentences or DEFAULT_SENTENCES), progress)
+    st, yardstick = _reference(src, info, list(sentences or DEFAULT_SENTENCES), progress)
+    model = st[0].auto_model.eval()  # the very AutoModel sentence-transformers just ran: same weights and config
     params, dimension = sum(p.numel() for p in model.parameters()), int(yardstick.reference.shape[1])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Everything is built and checked in a sibling temp folder, then renamed in: a failure leaves nothing behind.
@@ -79,12 +82,16 @@ def convert(src: Path, model_id: str, out_dir: Path, manifest_dir: Path | None =
         graph = export.build(model, staging, fuse, precision, yardstick, progress)
         shutil.copyfile(src / "tokenizer.json", graph.folder / "tokenizer.json")
         shutil.copyfile(src / "config.json", graph.folder / "config.json")  # where the daemon's memory model starts
+        golden = write_golden_vectors(st, yardstick, info.get("prompts") or {}, graph.folder, precision)
         progress("measuring memory: resident weights and the working memory of the worst batch")
         low, mean = float(graph.cosines.min()), float(graph.cosines.mean())
+        paths = _paths(out_dir, manifest_dir)
         fields = {"id": model_id, "name": info["name"], "family": info["family"], "params": params,
-                  **_paths(out_dir, manifest_dir), "dimension": dimension,  # what it emits (Dense heads are refused)
+                  "model": paths["model"], "tokenizer": paths["tokenizer"],
+                  "dimension": dimension,  # what it emits (Dense heads are refused)
                   "precision": precision, **{k: v for k, v in info.items() if k not in ("name", "family")},
                   "memory_mb": _measured_memory_mb(graph.folder, info, dimension), **(extra_fields or {}),
+                  "golden": {"file": paths["golden"], "min_cosine": golden},
                   "conversion": {"source": str(src), "fuse": fuse}}
         note = f"from {src}; {precision} parity: min cosine {low:.6f}, mean {mean:.6f}; {'; '.join(graph.notes)}"
         path, text = manifest_dir / f"{model_id}.toml", _manifest_text(fields, note)
@@ -136,14 +143,13 @@ def _check_arguments(model_id: str, quantize: str | None, precision: str, max_le
 
 def _reference(src: Path, info: dict[str, Any], texts: list[str],
                progress: Callable[[str], None]) -> tuple[Any, Yardstick]:
-    """The model as sentence-transformers runs it, and the yardstick of its vectors for ``texts``."""
+    """The SentenceTransformer, and the yardstick of its vectors for ``texts``."""
     torch, sentence_transformer = _require()
     progress(f"loading {src}")
     st = sentence_transformer(str(src), device="cpu", local_files_only=True, model_kwargs={"dtype": torch.float32})
     st.max_seq_length = info["max_length"]  # so an overridden max_length truncates the reference too
     reference = st.encode(texts, batch_size=8, convert_to_numpy=True)
-    model = st[0].auto_model.eval()  # the very AutoModel sentence-transformers just ran: same weights and config
-    return model, Yardstick(reference, texts, src / "tokenizer.json", info["max_length"], info["padding_side"],
+    return st, Yardstick(reference, texts, src / "tokenizer.json", info["max_length"], info["padding_side"],
                             info["pooling"], info["normalize"], progress)
 
 
@@ -173,11 +179,11 @@ def _measured_memory_mb(folder: Path, info: dict[str, Any], dimension: int) -> i
 
 
 def _paths(out_dir: Path, manifest_dir: Path) -> dict[str, str]:
-    """The manifest's model and tokenizer: relative inside the manifest folder, else absolute (a ../.. path breaks
-    silently when a folder moves)."""
+    """The manifest's model, tokenizer and golden file: relative inside the manifest folder, else absolute (a ../..
+    path breaks silently when a folder moves)."""
     inside = out_dir.is_relative_to(manifest_dir)
     return {key: (out_dir / name).relative_to(manifest_dir).as_posix() if inside else str(out_dir / name)
-            for key, name in (("model", "model.onnx"), ("tokenizer", "tokenizer.json"))}
+            for key, name in (("model", "model.onnx"), ("tokenizer", "tokenizer.json"), ("golden", GOLDEN_FILE))}
 
 
 def _publish(folder: Path, out_dir: Path) -> None:

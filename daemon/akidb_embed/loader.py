@@ -1,8 +1,9 @@
-"""Loading and unloading one model: session, tokenizer, batcher, warm-up, and what it costs.
+"""Loading and unloading one model: session, tokenizer, batcher, warm-up, self-test, and what it costs.
 
 ``load_model`` runs on the loader thread. A model's memory (``footprint``) is measured once
 per fingerprint and working budget, in a child process, and remembered; the load itself then
-builds the session with GPU memory capped at the charge and the batcher cut to the budget.
+builds the session with GPU memory capped at the charge and the batcher cut to the budget, and
+checks it against its golden vectors (selftest.py) before the registry may mark it ready.
 ``LoadedModel.close`` hands the memory back to the system and measures what that released.
 """
 
@@ -20,6 +21,7 @@ from .batcher import Batcher, Job
 from .footprint import Footprint, Request, measure_in_child
 from .manifest import Manifest, fingerprint
 from .memory import MIB, process_rss, release_memory
+from .selftest import SelfTest, run_self_test
 from .settings import Settings
 from .tokenize import TextEncoder
 from .workmem import METER
@@ -38,6 +40,7 @@ class LoadedModel:
     load_seconds: float
     footprint: Footprint
     keep_alive: float  # idle seconds before it unloads; negative: never
+    selftest: SelfTest | None = None  # None: no golden vectors, unverified
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     in_flight: int = 0
@@ -111,17 +114,18 @@ def load_model(
             footprint.tuning.threads,
         )
         _check_precision(manifest, backend)
-        _warm_up(manifest, encoder, backend)
+        selftest = _verify(manifest, encoder, backend)
         release_memory()  # what parsing the model file left on the heap
     batcher = Batcher(manifest.id, encoder, backend, manifest.pooling, manifest.dimension, settings.limits, footprint, loop)
     seconds = time.perf_counter() - started
     log.info(
         "model %s: loaded in %.0f ms on %s; weights %.0f MiB, working budget %.0f MiB, worst batch %.0f MiB; "
-        "%d threads, run cost %d tokens, batches up to %d tokens (fingerprint %s)",
+        "%d threads, run cost %d tokens, batches up to %d tokens; %s (fingerprint %s)",
         manifest.id, seconds * 1e3, backend.providers[0], footprint.weights / MIB, footprint.work / MIB,
-        footprint.peak / MIB, footprint.tuning.threads, footprint.tuning.run_cost_tokens, batcher.rule.max_tokens, digest,
+        footprint.peak / MIB, footprint.tuning.threads, footprint.tuning.run_cost_tokens, batcher.rule.max_tokens,
+        _verdict(selftest), digest,
     )  # fmt: skip
-    return LoadedModel(manifest, digest, backend, batcher, seconds, footprint, keep_alive)
+    return LoadedModel(manifest, digest, backend, batcher, seconds, footprint, keep_alive, selftest)
 
 
 def _measure(manifest: Manifest, settings: Settings, digest: str) -> Footprint:
@@ -164,6 +168,22 @@ def _text_encoder(manifest: Manifest) -> TextEncoder:
         return TextEncoder(manifest.tokenizer, manifest.max_length, manifest.padding_side)
     except Exception as exc:  # tokenizers raises a bare Exception for a corrupt file
         raise BackendError(f"tokenizer {manifest.tokenizer} cannot be read: {exc}") from None
+
+
+def _verify(manifest: Manifest, encoder: TextEncoder, backend: OnnxBackend) -> SelfTest | None:
+    """Warm up and self-test; a model that fails gives its session back at once rather than when collected."""
+    try:
+        _warm_up(manifest, encoder, backend)
+        return run_self_test(manifest, encoder, backend)
+    except BackendError:
+        backend.close()
+        raise
+
+
+def _verdict(selftest: SelfTest | None) -> str:
+    if selftest is None:
+        return "unverified: no golden vectors"
+    return f"self-test min cosine {selftest.min_cosine:.6f} on {selftest.texts} texts in {selftest.seconds * 1e3:.0f} ms"
 
 
 def _warm_up(manifest: Manifest, encoder: TextEncoder, backend: OnnxBackend) -> None:

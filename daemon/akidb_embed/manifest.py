@@ -19,6 +19,11 @@ PADDING_SIDES = ("right", "left")
 PROVIDERS = ("tensorrt", "cuda", "cpu")
 PRECISIONS = ("fp32", "int8", "fp16")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Files written on the way to the real one, whose final rename or write is what counts:
+# editor swap and backup files, downloads in progress, dpkg/ucf/rpm side copies, vim's probe.
+_TEMP_SUFFIXES = ("~", ".swp", ".swx", ".tmp", ".part", ".partial", ".rpmnew", ".rpmsave")
+_TEMP_INFIXES = (".dpkg-", ".ucf-")
+_VIM_PROBE = "4913"
 
 
 class ManifestError(ValueError):
@@ -34,6 +39,14 @@ class Conversion:
 
     source: Path  # the sentence-transformers / HF model folder
     fuse: bool = True
+
+
+@dataclass(frozen=True)
+class Golden:
+    """Reference texts with their sentence-transformers vectors (the ``[golden]`` table), for the load's self-test."""
+
+    path: Path  # golden.npz, written by convert next to the model
+    min_cosine: float  # every text's cosine to its reference must reach it
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,7 @@ class Manifest:
     keep_alive: float | None = None  # idle seconds before unloading; None: the daemon's default
     precision: str = "fp32"  # of the weights: fp16 graphs are for GPU providers only
     conversion: Conversion | None = None
+    golden: Golden | None = None  # None: served, but unverified
 
     def resolve_prompt(self, prompt: str | None) -> str:
         """The text prefixed to each input: a named prompt, a literal prefix, or the default."""
@@ -123,9 +137,12 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "keep_alive": ((int, float), False),
     "precision": ((str,), False),
     "conversion": ((dict,), False),
+    "golden": ((dict,), False),
 }
-# [conversion] key -> accepted type
-_CONVERSION_FIELDS: dict[str, type] = {"source": str, "fuse": bool}
+_TABLES = ("conversion", "golden")
+# [table] key -> accepted types
+_CONVERSION_FIELDS: dict[str, tuple[type, ...]] = {"source": (str,), "fuse": (bool,)}
+_GOLDEN_FIELDS: dict[str, tuple[type, ...]] = {"file": (str,), "min_cosine": (float, int)}
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -143,11 +160,12 @@ def parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
     """Validate manifest data read from ``path`` (relative file paths resolve against its folder)."""
     _check_types(data, path)
     manifest = Manifest(
-        **{k: v for k, v in data.items() if k not in ("model", "tokenizer", "conversion")},
+        **{k: v for k, v in data.items() if k not in ("model", "tokenizer", *_TABLES)},
         path=path,
         model=_resolve(path, data["model"]),
         tokenizer=_resolve(path, data["tokenizer"]),
         conversion=_conversion(data["conversion"], path) if "conversion" in data else None,
+        golden=_golden(data["golden"], path) if "golden" in data else None,
     )
     manifest = _normalize_sequences(manifest)
     _check_values(manifest)
@@ -168,18 +186,33 @@ def _check_types(data: dict[str, Any], path: Path) -> None:
             raise ManifestError(f"{path}: field {name!r} must be a {types[0].__name__}, not {type(value).__name__}")
 
 
+def _check_table(table: dict[str, Any], name: str, fields: dict[str, tuple[type, ...]], path: Path) -> None:
+    """Every key of the [name] table known and of an accepted type."""
+    for key, value in table.items():
+        wanted = fields.get(key)
+        if wanted is None:
+            raise ManifestError(f"{path}: unknown key {key!r} in [{name}]; known keys: {', '.join(fields)}")
+        if isinstance(value, bool) and bool not in wanted or not isinstance(value, wanted):
+            raise ManifestError(f"{path}: [{name}] {key} must be a {wanted[0].__name__}, not {type(value).__name__}")
+
+
 def _conversion(table: dict[str, Any], path: Path) -> Conversion:
     """The [conversion] table: ``source`` (required) and ``fuse``."""
-    for key, value in table.items():
-        wanted = _CONVERSION_FIELDS.get(key)
-        if wanted is None:
-            known = ", ".join(_CONVERSION_FIELDS)
-            raise ManifestError(f"{path}: unknown key {key!r} in [conversion]; known keys: {known}")
-        if not isinstance(value, wanted):
-            raise ManifestError(f"{path}: [conversion] {key} must be a {wanted.__name__}, not {type(value).__name__}")
+    _check_table(table, "conversion", _CONVERSION_FIELDS, path)
     if "source" not in table:
         raise ManifestError(f"{path}: [conversion] needs `source`, the model folder it was converted from")
     return Conversion(_resolve(path, table["source"]), table.get("fuse", True))
+
+
+def _golden(table: dict[str, Any], path: Path) -> Golden:
+    """The [golden] table: ``file`` and ``min_cosine``, both required."""
+    _check_table(table, "golden", _GOLDEN_FIELDS, path)
+    for key in _GOLDEN_FIELDS:
+        if key not in table:
+            raise ManifestError(f"{path}: [golden] needs `{key}`; akidb-embed convert --again {path} writes the table")
+    if not 0 < table["min_cosine"] <= 1:
+        raise ManifestError(f"{path}: [golden] min_cosine must be in (0, 1], not {table['min_cosine']}")
+    return Golden(_resolve(path, table["file"]), float(table["min_cosine"]))
 
 
 def _normalize_sequences(manifest: Manifest) -> Manifest:
@@ -228,17 +261,38 @@ def _resolve(manifest_path: Path, value: str) -> Path:
     return path if path.is_absolute() else (manifest_path.parent / path).resolve()
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is a hidden, editor, download or package-manager temporary."""
+    return (
+        name.startswith(".")
+        or name.endswith(_TEMP_SUFFIXES)
+        or any(infix in name for infix in _TEMP_INFIXES)
+        or name == _VIM_PROBE
+    )
+
+
 def model_files(manifest: Manifest) -> list[Path]:
     """Every file the model is made of: the graph, its external data, the tokenizer.
 
     Weights of models over 2 GiB live beside the graph in external-data files (model.onnx.data, ...).
     """
-    external = sorted(p for p in manifest.model.parent.glob(manifest.model.name + "?*") if p.is_file())
+    # A half-copied or backup file beside the graph is not part of it (the watcher ignores the same names).
+    beside = manifest.model.parent.glob(manifest.model.name + "?*")
+    external = sorted(p for p in beside if p.is_file() and not is_temporary(p.name))
     return [manifest.model, *external, manifest.tokenizer]
 
 
+def version_files(manifest: Manifest) -> list[Path]:
+    """The model's files and its golden vectors: a change to any of them is a new version, loaded and tested again."""
+    return [*model_files(manifest), *([manifest.golden.path] if manifest.golden else [])]
+
+
 def fingerprint(manifest: Manifest) -> str:
-    """Content hash over the ONNX file, the tokenizer and the pooling settings (hex, 16 chars)."""
+    """Content hash over the ONNX file, the tokenizer and the pooling settings (hex, 16 chars).
+
+    The golden vectors are left out: the fingerprint keys what depends on the computation only (measured
+    footprints, TensorRT engines), and new golden vectors compute nothing differently.
+    """
     digest = hashlib.sha256()
     for path in model_files(manifest):
         with open(path, "rb") as f:

@@ -214,6 +214,7 @@ class Registry:
             pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
             keep_alive=default_keep_alive(serving, self.settings) if serving else None,
             last_used=self.store.recorded(entry.id).last_used or None, stats=entry.stats.describe(),
+            verification="pending" if serving and serving.golden else "unverified", selftest=None,
         )  # fmt: skip
         model = entry.model
         if model is not None:
@@ -226,6 +227,8 @@ class Registry:
                 weights_mb=_mb(model.footprint.weights), work_mb=_mb(model.footprint.work), peak_mb=_mb(model.peak),
                 threads=model.footprint.tuning.threads, run_cost_tokens=model.footprint.tuning.run_cost_tokens,
                 batch_tokens=model.batcher.rule.max_tokens,
+                verification="passed" if model.selftest else "unverified",
+                selftest=model.selftest.as_dict() if model.selftest else None,
             )  # fmt: skip
         return info
 

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -34,8 +33,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
-if TYPE_CHECKING:
-    from .manifest import Manifest
+from .manifest import Manifest, is_temporary, version_files
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +49,6 @@ _EVENTS: list[type[FileSystemEvent]] = [
     DirDeletedEvent,  # a watched directory going away (its inotify watch dies with it)
     DirMovedEvent,
 ]
-# Files written on the way to the real one, whose final rename or write is what counts:
-# editor swap and backup files, downloads in progress, dpkg/ucf/rpm side copies, vim's probe.
-_TEMP_SUFFIXES = ("~", ".swp", ".swx", ".tmp", ".part", ".partial", ".rpmnew", ".rpmsave")
-_TEMP_INFIXES = (".dpkg-", ".ucf-")
-_VIM_PROBE = "4913"
 
 # What a watched directory is watched for; a directory can be more than one.
 CATALOG = "catalog"  # manifests: *.toml
@@ -210,19 +203,9 @@ class CatalogWatcher:
         self.sync()
 
 
-def is_temporary(name: str) -> bool:
-    """Whether a file name is a hidden, editor, download or package-manager temporary."""
-    return (
-        name.startswith(".")
-        or name.endswith(_TEMP_SUFFIXES)
-        or any(infix in name for infix in _TEMP_INFIXES)
-        or name == _VIM_PROBE
-    )
-
-
 def model_directories(manifests: Iterable[Manifest]) -> set[Path]:
-    """The directories of the files the manifests name (the daemon's ``extra_directories``)."""
-    return {path.parent for manifest in manifests for path in (manifest.model, manifest.tokenizer)}
+    """The directories of the files the manifests name, golden vectors included (the daemon's ``extra_directories``)."""
+    return {path.parent for manifest in manifests for path in version_files(manifest)}
 
 
 def _identity(path: str) -> tuple[int, int]:
