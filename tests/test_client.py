@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
-from akidb_embed import cli
+from akidb_embed import cli, modeltable
 from akidb_embed.cli import add_client_commands
 from akidb_embed_client import (
     KEEP_ALIVE_FOREVER,
@@ -363,14 +363,17 @@ def test_cli_models_table(serve: Callable[..., StandIn], capsys: pytest.CaptureF
     assert run_cli(["models", "--socket", str(daemon.path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split("  ")[:2] == ["id", ""] and [h.strip() for h in lines[0].split("  ") if h.strip()] == [
-        "id", "state", "verified", "pinned", "memory", "weights/work/peak", "last used", "in-flight", "requests", "dim",
-        "default"]
-    assert lines[2].split() == ["mini", "ready", "yes", "*", "87", "MB", "23/64/52", "MB", "12s", "ago", "2", "41", "3",
-                                "*"]
-    assert lines[3].split() == ["broken", "failed", "-", "~90", "MB", "-", "-", "0", "0", "8"]  # an older daemon's reply
-    assert lines[4].split() == [long_id, "available", "-", "~1120", "MB", "-", "-", "-", "-", "1024"]
+        "id", "state", "verified", "pinned", "memory", "last used", "requests", "p95", "texts/s", "dim", "default"]
+    never = modeltable.NEVER  # no profile: not measured, not guessed
+    assert lines[2].split() == ["mini", "ready", "yes", "*", "87", "MB", "12s", "ago", "41", never, never, "3", "*"]
+    assert lines[3].split() == ["broken", "failed", "-", "~90", "MB", "-", "0", never, never, "8"]  # an older daemon's reply
+    assert lines[4].split() == [long_id, "available", "-", "~1120", "MB", "-", "-", never, never, "1024"]
     assert lines[6] == "broken: model.onnx is missing" and lines[7].startswith(f"{long_id}: xxx")
-    assert max(len(line) for line in lines[:5]) <= 150  # a 40-character id, and the verified column
+    assert max(len(line) for line in lines[:5]) <= 140  # with a 40-character id; --wide has the rest
+    assert run_cli(["models", "--wide", "--socket", str(daemon.path)]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert all(h in wide[0] for h in ("weights/work/peak", "in-flight", "qps", "hit rate", "cold load", "quality"))
+    assert "23/64/52 MB" in wide[2]
     assert run_cli(["models", "--json", "--socket", str(daemon.path)]) == 0
     assert json.loads(capsys.readouterr().out)[1] == MODELS[1]
 

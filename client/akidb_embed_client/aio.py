@@ -63,6 +63,10 @@ class AsyncClient:
         """Measure a model's memory and speed settings again and reload it. See ``Client.tune``."""
         return model_of(await self._call("tune", model=model))
 
+    async def bench(self, model: str, texts: int | None = None) -> dict[str, Any]:
+        """Measure a model's profile on the daemon's device. See ``Client.bench``."""
+        return (await self._call("bench", model=model, texts=texts)).result["profile"]
+
     async def unload(self, model: str) -> dict[str, Any]:
         """Unload a model and return its description. See ``Client.unload``."""
         return model_of(await self._call("unload", model=model))

@@ -187,6 +187,12 @@ class Client:
         """
         return model_of(self._call("tune", model=model))
 
+    def bench(self, model: str, texts: int | None = None) -> dict[str, Any]:
+        """Measure a model's profile on the daemon's device (loading it if need be): cold load, single-text p50/p95
+        over ``texts`` requests, throughput at its tuned batch, memory and self-test quality. Returns the profile; the
+        model's ``models`` entry shows it from then on. Takes seconds: give the client a timeout to match."""
+        return self._call("bench", model=model, texts=texts).result["profile"]
+
     def status(self) -> dict[str, Any]:
         """The daemon's status."""
         return self._call("status").result

@@ -42,11 +42,12 @@ OP_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "pin": {"model": (str,)},
     "unpin": {"model": (str,)},
     "tune": {"model": (str,)},
+    "bench": {"model": (str,), "texts": (int, _NONE)},
 }
 # Seconds a model stays loaded after its last use: negative keeps it loaded, 0 unloads it at once.
 KEEP_ALIVE_FOREVER = -1
 REQUIRED_FIELDS = {"embed": ("texts",), "load": ("model",), "unload": ("model",), "pin": ("model",), "unpin": ("model",),
-                   "tune": ("model",)}
+                   "tune": ("model",), "bench": ("model",)}
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,15 @@ import numpy as np
 
 from akidb_embed_client import KEEP_ALIVE_FOREVER, Client, EmbedError, Embeddings, Unavailable
 
+from .modeltable import GIB, MIB, ago, memory_cell, models_table, parts_cell, profiles_table, scalar, table
+
 TEXT_WIDTH = 40
 SHOWN_COMPONENTS = 4
 EXIT_ERROR = 2
 EXIT_UNAVAILABLE = 3
 DEFAULT_TIMEOUT = 10.0
 LOAD_TIMEOUT = 120.0  # load answers once the model is loaded: minutes for a large one
-MIB = 1024 * 1024
-GIB = 1024 * MIB
+BENCH_TIMEOUT = 600.0  # bench answers once measured: a load, then seconds of timing
 MODEL_OPS = {
     "load": "load a model now (answers once it is loaded)",
     "unload": "unload a model (it loads again on its next use)",
@@ -71,7 +72,15 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     embed.set_defaults(func=embed_command)
 
     models = subparsers.add_parser("models", parents=[connection], help="list the daemon's models and their state")
+    models.add_argument("--wide", action="store_true", help="every column: memory parts, live figures, the profile")
     models.set_defaults(func=models_command)
+
+    bench = subparsers.add_parser(
+        "bench", parents=[connection], help="measure models' latency, throughput, memory and quality on this device"
+    )
+    bench.add_argument("models", nargs="*", metavar="MODEL", help="model ids (default: every enabled model)")
+    bench.add_argument("--texts", type=int, metavar="N", help="single-text requests to time (default: 100)")
+    bench.set_defaults(func=bench_command)
 
     status = subparsers.add_parser("status", parents=[connection], help="show the daemon's status")
     status.set_defaults(func=status_command)
@@ -129,7 +138,7 @@ def embed_command(args: argparse.Namespace) -> int:
 @_exit_codes
 def models_command(args: argparse.Namespace) -> int:
     """Print every model in the catalog with its state."""
-    return _show(args, Client.models, models_table)
+    return _show(args, Client.models, functools.partial(models_table, wide=args.wide))
 
 
 @_exit_codes
@@ -142,31 +151,29 @@ def model_command(args: argparse.Namespace) -> int:
 
 
 @_exit_codes
+def bench_command(args: argparse.Namespace) -> int:
+    """Profile each model in turn (progress on stderr), then print the profiles."""
+    profiles, failed = [], 0
+    with _client(args, BENCH_TIMEOUT) as client:
+        ids = args.models or [m["id"] for m in client.models() if m.get("state") not in ("invalid", "disabled")]
+        for number, model_id in enumerate(ids, 1):
+            print(f"bench: {model_id} ({number}/{len(ids)}): loading if need be, timing single texts, then batches",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            try:
+                profiles.append((model_id, client.bench(model_id, args.texts)))
+            except EmbedError as exc:
+                print(f"bench: {model_id}: error [{exc.code}]: {exc.message}", file=sys.stderr)
+                failed += 1
+                if isinstance(exc, Unavailable):
+                    return EXIT_UNAVAILABLE
+    print(json.dumps(dict(profiles), indent=2) if args.json else profiles_table(profiles))
+    return EXIT_ERROR if failed else 0
+
+
+@_exit_codes
 def status_command(args: argparse.Namespace) -> int:
     """Print the daemon's status as aligned key/value lines."""
     return _show(args, Client.status, status_lines)
-
-
-# The models reply's verification, as the table's "verified" column shows it ("-": a daemon without self-tests).
-_VERIFIED = {"passed": "yes", "unverified": "unverified", "pending": "pending"}
-
-
-def models_table(models: Sequence[dict[str, Any]], now: float | None = None) -> str:
-    """One row per model, then the error of each model that has one."""
-    now = time.time() if now is None else now
-    headers = ["id", "state", "verified", "pinned", "memory", "weights/work/peak", "last used", "in-flight", "requests",
-               "dim", "default"]
-    rows = [
-        [str(m.get("id", "")), str(m.get("state", "")), _VERIFIED.get(m.get("verification"), "-"),
-         "*" if m.get("pinned") else "", memory_cell(m), parts_cell(m), ago(m.get("last_used"), now),
-         _scalar(m.get("in_flight")), _scalar(m.get("requests")), _scalar(m.get("dimension")),
-         "*" if m.get("default") else ""]
-        for m in models
-    ]
-    if not rows:
-        return "no models in the catalog"
-    errors = [f"{m.get('id')}: {m['error']}" for m in models if m.get("error")]
-    return "\n".join([table(headers, rows), *([""] + errors if errors else [])])
 
 
 def model_summary(m: dict[str, Any]) -> str:
@@ -196,7 +203,7 @@ def status_value(key: str, value: Any) -> str:
     """A status value in human units: bytes and MB as MiB/GiB, fractions as percentages."""
     name = key.rsplit(".", 1)[-1]
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return _scalar(value)
+        return scalar(value)
     if key.startswith("memory.") and name in BYTE_FIELDS:
         return human_bytes(value)
     if name.endswith("_mb"):
@@ -209,27 +216,6 @@ def status_value(key: str, value: Any) -> str:
 def human_bytes(count: float) -> str:
     """Bytes as GiB from 1 GiB up, else MiB."""
     return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / MIB:.0f} MiB"
-
-
-def memory_cell(m: dict[str, Any]) -> str:
-    """A model's memory in MB, with ``~`` when it is an estimate rather than measured."""
-    mb = None if m.get("memory_source") == "unknown" else m.get("memory_mb")
-    return "-" if mb is None else f"{'' if m.get('memory_source') == 'measured' else '~'}{mb:.0f} MB"
-
-
-def parts_cell(m: dict[str, Any]) -> str:
-    """A loaded model's charge in parts: resident weights / working budget / largest batch seen, in MB."""
-    parts = [m.get(key) for key in ("weights_mb", "work_mb", "peak_mb")]
-    return "-" if None in parts else "/".join(f"{mb:.0f}" for mb in parts) + " MB"
-
-
-def ago(stamp: float | None, now: float) -> str:
-    """How long ago a Unix time was, in its largest whole unit: ``12s ago``, ``5m ago``."""
-    if stamp is None:
-        return "-"
-    elapsed = max(0.0, now - stamp)
-    unit, size = next(((u, n) for u, n in (("d", 86400), ("h", 3600), ("m", 60)) if elapsed >= n), ("s", 1))
-    return f"{int(elapsed // size)}{unit} ago"
 
 
 def seconds(text: str) -> float:
@@ -283,13 +269,6 @@ def similarity_table(vectors: np.ndarray) -> str:
     return table(headers, rows)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned fixed-width columns separated by two spaces."""
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
-    lines = [headers, ["-" * width for width in widths], *rows]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
-
-
 def shorten(text: str, width: int = TEXT_WIDTH) -> str:
     """The text on one line, cut to ``width`` characters with an ellipsis."""
     flat = " ".join(text.split())
@@ -306,11 +285,3 @@ def flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             pairs.append((name, value))
     return pairs
-
-
-def _scalar(value: Any) -> str:
-    if value is None or value == {}:
-        return "-"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_scalar(item) for item in value) or "-"
-    return str(value)

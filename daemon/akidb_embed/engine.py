@@ -23,12 +23,14 @@ from .batcher import Embedded, Job
 from .loader import LoadedModel
 from .manifest import Manifest
 from .memory import MIB
+from .profile import LATENCY_TEXTS
 from .catalog import Entry
 from .registry import Registry
 from .settings import Settings
 from .stats import Timing
 
 Outcome = tuple[dict[str, Any], "np.ndarray | None"]
+MAX_BENCH_TEXTS = 1000
 
 
 class Engine:
@@ -43,7 +45,7 @@ class Engine:
         """Each op of the protocol and what answers it: a coroutine for those that wait, else a function."""
         return {
             "embed": self.embed, "load": self.load, "unload": self.unload, "pin": self.pin, "unpin": self.unpin,
-            "tune": self.tune, "models": self.models, "status": self.status, "ping": self.ping,
+            "tune": self.tune, "bench": self.bench, "models": self.models, "status": self.status, "ping": self.ping,
         }  # fmt: skip
 
     async def embed(self, fields: dict[str, Any]) -> Outcome:
@@ -109,6 +111,15 @@ class Engine:
         entry = self.registry.entry(fields["model"])
         await self.registry.retune(entry)
         return {"model": self.registry.describe(entry.id)}, None
+
+    async def bench(self, fields: dict[str, Any]) -> Outcome:
+        """Measure a model's profile on this device through its own queue, and keep it."""
+        entry = self.registry.entry(fields["model"])
+        texts = fields.get("texts")
+        if texts is not None and not 1 <= texts <= MAX_BENCH_TEXTS:
+            raise BadRequest(f"texts must be 1 to {MAX_BENCH_TEXTS} (single-text requests to time), not {texts}")
+        measured = await self.registry.bench(entry, texts or LATENCY_TEXTS)
+        return {"model": self.registry.describe(entry.id), "profile": measured.as_dict()}, None
 
     def unpin(self, fields: dict[str, Any]) -> Outcome:
         entry = self.registry.entry(fields["model"])

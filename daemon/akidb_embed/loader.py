@@ -41,6 +41,7 @@ class LoadedModel:
     footprint: Footprint
     keep_alive: float  # idle seconds before it unloads; negative: never
     selftest: SelfTest | None = None  # None: no golden vectors, unverified
+    measure_seconds: float = 0.0  # of load_seconds, the footprint measurement of a version's first load
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     in_flight: int = 0
@@ -102,9 +103,11 @@ def load_model(
     digest = _fingerprint(manifest)
     encoder = _text_encoder(manifest)
     footprint = known.get(digest)
+    measure_seconds = 0.0
     if footprint is None or (footprint.work_mb, footprint.tuning.threads_setting) != (
         work_setting(manifest, settings), settings.intra_op_threads):
         footprint = _measure(manifest, settings, digest)
+        measure_seconds = time.perf_counter() - started
     with METER.measure():  # a load blurs the peak of any batch running meanwhile
         backend = OnnxBackend(
             manifest.model,
@@ -125,7 +128,7 @@ def load_model(
         footprint.peak / MIB, footprint.tuning.threads, footprint.tuning.run_cost_tokens, batcher.rule.max_tokens,
         _verdict(selftest), digest,
     )  # fmt: skip
-    return LoadedModel(manifest, digest, backend, batcher, seconds, footprint, keep_alive, selftest)
+    return LoadedModel(manifest, digest, backend, batcher, seconds, footprint, keep_alive, selftest, measure_seconds)
 
 
 def _measure(manifest: Manifest, settings: Settings, digest: str) -> Footprint:

@@ -27,6 +27,7 @@ from .footprint import Footprint
 from .loader import LoadedModel, load_model
 from .manifest import Manifest
 from .memory import MIB, MemoryMonitor, MemorySample, process_rss
+from .profile import Profile, measure, profile_key
 from .settings import Settings
 from .state import ModelRecord, StateStore
 from .workmem import GUARD
@@ -153,6 +154,26 @@ class Registry:
         self._start_load(entry)
         await asyncio.shield(entry.loading)
 
+    async def bench(self, entry: Entry, latency_texts: int) -> Profile:
+        """Profile the entry's model through its queue (loading it first if need be), and keep the profile."""
+        model = await self.acquire(entry.id)
+        try:
+            measured = await measure(model, self.footprint(entry), latency_texts)
+        finally:
+            self.release(model)
+        self.store.state.profiles[measured.key] = measured.as_dict()
+        self._save()
+        return measured
+
+    def _profile(self, entry: Entry) -> dict[str, Any] | None:
+        """The profile of the version loaded, else of the one last loaded (on the provider it last ran on)."""
+        profiles = self.store.state.profiles
+        if entry.model is not None:
+            return profiles.get(profile_key(entry.model.fingerprint, entry.model.backend.providers[0]))
+        digest = self.store.recorded(entry.id).fingerprint
+        measured = [p for key, p in profiles.items() if digest and key.startswith(profile_key(digest, ""))]
+        return max(measured, key=lambda p: p.get("measured_at", 0), default=None)
+
     def pin(self, entry: Entry, pinned: bool) -> None:
         entry.pinned = pinned
         self.store.record(entry.id).pinned = pinned
@@ -215,6 +236,7 @@ class Registry:
             keep_alive=default_keep_alive(serving, self.settings) if serving else None,
             last_used=self.store.recorded(entry.id).last_used or None, stats=entry.stats.describe(),
             verification="pending" if serving and serving.golden else "unverified", selftest=None,
+            profile=self._profile(entry),
         )  # fmt: skip
         model = entry.model
         if model is not None:

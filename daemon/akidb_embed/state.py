@@ -1,8 +1,8 @@
 """What the daemon remembers across restarts, in ``state_dir/state.json``.
 
 Per model: its measured footprint (the charge, and the measurement behind it), load time, last
-use and whether it is pinned; and which models were warm, most recently used first, to reload
-them after a restart. Written atomically
+use and whether it is pinned; which models were warm, most recently used first, to reload
+them after a restart; and the measured profiles, by fingerprint and provider. Written atomically
 (temporary file, then rename); an unreadable or unwritable file is logged and never fatal.
 """
 
@@ -32,6 +32,7 @@ class ModelRecord:
 class State:
     models: dict[str, ModelRecord] = field(default_factory=dict)
     warm: list[str] = field(default_factory=list)  # most recently used first
+    profiles: dict[str, dict] = field(default_factory=dict)  # ``profile.Profile`` data by fingerprint/provider
 
 
 class StateStore:
@@ -53,7 +54,8 @@ class StateStore:
     def save(self, warm: list[str]) -> None:
         """Write the state with ``warm`` as the loaded models, most recently used first."""
         self.state.warm = warm
-        data = {"models": {k: asdict(v) for k, v in self.state.models.items()}, "warm": warm}
+        data = {"models": {k: asdict(v) for k, v in self.state.models.items()}, "warm": warm,
+                "profiles": self.state.profiles}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as tmp:
@@ -68,7 +70,8 @@ class StateStore:
         try:
             data = json.loads(self.path.read_text())
             models = {k: ModelRecord(**v) for k, v in data.get("models", {}).items()}
-            return State(models, [w for w in data.get("warm", []) if isinstance(w, str)])
+            profiles = {k: v for k, v in data.get("profiles", {}).items() if isinstance(v, dict)}
+            return State(models, [w for w in data.get("warm", []) if isinstance(w, str)], profiles)
         except FileNotFoundError:
             return State()
         except (OSError, ValueError, TypeError, AttributeError) as exc:
