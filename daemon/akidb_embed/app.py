@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from .engine import Engine
 from .memory import MemoryMonitor, process_rss, tune_malloc
+from .metrics import MetricsExporter
 from .registry import Registry
 from .server import Server
 from .settings import Settings
@@ -87,6 +88,9 @@ async def _serve(settings: Settings) -> int:
     # Bound and scanned: requests are answered from here on (ZeroMQ queues them until serve() reads).
     notifier.ready(describe())
     log.info("ready (pid %d, default model %s, memory from %s)", os.getpid(), registry.default_id(), monitor.source)
+    exporter = MetricsExporter(settings, registry, engine.started)
+    _start_metrics_http(exporter)
+    background.append(asyncio.ensure_future(exporter.run()))  # the first textfile now: every series from the start
     warm = asyncio.ensure_future(warm_start(registry))
     warm.add_done_callback(lambda _: report())
     background.append(warm)
@@ -99,12 +103,22 @@ async def _serve(settings: Settings) -> int:
     await server.drain(settings.drain_seconds)
     for task in background:
         task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)  # the exporter writes its last textfile
+    exporter.stop()
     watcher.stop()
     await registry.close()
     server.close()
     monitor.stop()
     log.info("stopped")
     return 0
+
+
+def _start_metrics_http(exporter: MetricsExporter) -> None:
+    """The optional HTTP endpoint: one that cannot bind is logged; embeddings are served anyway."""
+    try:
+        exporter.start_http()
+    except OSError as exc:
+        log.error("metrics: cannot serve HTTP on %s (%s); set metrics.http to a free port", exporter.settings.http, exc)
 
 
 def _tegrastats(settings: Settings) -> str | None:

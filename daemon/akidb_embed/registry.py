@@ -30,6 +30,7 @@ from .memory import MIB, MemoryMonitor, MemorySample, process_rss
 from .profile import Profile, measure, profile_key
 from .settings import Settings
 from .state import ModelRecord, StateStore
+from .stats import ModelStats
 from .workmem import GUARD
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,10 @@ class Registry:
     def warm_models(self) -> list[str]:
         """The models loaded at the last stop, most recently used first."""
         return list(self.store.state.warm)
+
+    def model_stats(self) -> dict[str, ModelStats]:
+        """Each model id's live statistics (read them on the event loop only)."""
+        return {model_id: entry.stats for model_id, entry in self.entries.items()}
 
     def snapshot(self) -> Snapshot:
         """Every entry described, the memory sample and the cache's figures, copied for ``status`` and ``models``."""

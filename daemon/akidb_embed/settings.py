@@ -7,6 +7,7 @@ defaults apply); a missing file named explicitly, or a bad value, is a ``Setting
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -64,6 +65,40 @@ class MemorySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    textfile: str = "auto"  # node_exporter textfile; "auto": <state_dir>/metrics/akidb-embed.prom; "": none
+    interval_seconds: float = 5.0
+    http: str = ""  # also serve /metrics at this loopback host:port, e.g. "127.0.0.1:9464"; "": no TCP port
+
+    def __post_init__(self) -> None:
+        if isinstance(self.interval_seconds, bool) or not isinstance(self.interval_seconds, (int, float)) or (
+                self.interval_seconds <= 0):
+            raise SettingsError(f"metrics.interval_seconds must be a positive number, not {self.interval_seconds!r}")
+        for name in ("textfile", "http"):
+            if not isinstance(getattr(self, name), str):
+                raise SettingsError(f"metrics.{name} must be a string, not {getattr(self, name)!r}")
+        if self.http:
+            self.http_address  # noqa: B018 - validates it
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        """The HTTP endpoint's (host, port); only loopback, so the metrics never leave the device."""
+        host, _, port = self.http.rpartition(":")
+        host = host.strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+            number = int(port)
+        except ValueError:
+            loopback, number = False, 0
+        if not loopback or not 0 < number < 65536:
+            raise SettingsError(
+                f"metrics.http {self.http!r} must be a loopback host:port such as 127.0.0.1:9464 or [::1]:9464: "
+                "the daemon serves no other address (use a reverse proxy or node_exporter's textfile to go further)"
+            )
+        return host, number
+
+
+@dataclass(frozen=True)
 class Settings:
     socket: Path = DEFAULT_SOCKET
     catalog: Path = Path("/etc/akidb-embed/models.d")
@@ -76,6 +111,7 @@ class Settings:
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
     memory: MemorySettings = field(default_factory=MemorySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -85,6 +121,14 @@ class Settings:
             raise SettingsError("intra_op_threads must be 0 (automatic) or positive")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"log_level {self.log_level!r} is not one of debug, info, warning, error")
+
+    @property
+    def metrics_textfile(self) -> Path | None:
+        """Where the metrics textfile goes, if anywhere."""
+        textfile = self.metrics.textfile
+        if textfile == "auto":
+            return self.state_dir / "metrics" / "akidb-embed.prom"
+        return Path(textfile) if textfile else None
 
 
 _PATH_KEYS = ("socket", "catalog", "state_dir", "cache_dir")
@@ -105,7 +149,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     Overrides that are None are ignored, so argparse results can be passed straight in.
     """
     data = _read_config(config)
-    tables = {name: data.pop(name, {}) for name in ("limits", "memory")}
+    tables = {name: data.pop(name, {}) for name in ("limits", "memory", "metrics")}
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise SettingsError(f"[{name}] must be a table")
@@ -124,7 +168,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     if "providers" in data:
         data["providers"] = tuple(data["providers"])
     try:
-        return Settings(**data, limits=Limits(**tables["limits"]), memory=MemorySettings(**tables["memory"]))
+        return Settings(**data, limits=Limits(**tables["limits"]), memory=MemorySettings(**tables["memory"]),
+                        metrics=MetricsSettings(**tables["metrics"]))
     except TypeError as exc:
         raise SettingsError(f"bad setting: {exc}") from None
 
