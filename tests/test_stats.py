@@ -109,3 +109,13 @@ def test_requests_older_than_a_minute_leave_the_window(monkeypatch: pytest.Monke
     described = stats.describe()
     assert described["window_requests"] == 1 and described["latency_ms"]["total"]["p50"] == 5.0
     assert described["requests"] == 2  # the counters keep everything
+
+
+def test_rates_in_the_first_minute_are_over_the_time_observed(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [500.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    stats = ModelStats()
+    for _ in range(30):
+        stats.served(2, Timing(0.001, 0.002, 0.003))
+    now[0] += 10  # 30 requests in the daemon's first 10 s: 3 per second, not 30 / 60
+    assert (stats.describe()["qps"], stats.describe()["texts_per_s"]) == (3.0, 6.0)

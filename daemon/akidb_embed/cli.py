@@ -19,6 +19,7 @@ import numpy as np
 
 from akidb_embed_client import KEEP_ALIVE_FOREVER, Client, EmbedError, Embeddings, Unavailable
 
+from . import top
 from .modeltable import GIB, MIB, ago, memory_cell, models_table, parts_cell, profiles_table, scalar, table
 
 TEXT_WIDTH = 40
@@ -84,6 +85,12 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
 
     status = subparsers.add_parser("status", parents=[connection], help="show the daemon's status")
     status.set_defaults(func=status_command)
+
+    top = subparsers.add_parser("top", help="a live view of the daemon: memory, and per model state, QPS, p95, queue")
+    top.add_argument("--socket", metavar="PATH", help="daemon socket (default: as for the other commands)")
+    top.add_argument("--interval", metavar="S", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--once", action="store_true", help="print one frame as text and exit")
+    top.set_defaults(func=top_command)
 
     for op, text in MODEL_OPS.items():
         command = subparsers.add_parser(op, parents=[connection, keeping] if op == "load" else [connection], help=text)
@@ -168,6 +175,19 @@ def bench_command(args: argparse.Namespace) -> int:
                     return EXIT_UNAVAILABLE
     print(json.dumps(dict(profiles), indent=2) if args.json else profiles_table(profiles))
     return EXIT_ERROR if failed else 0
+
+
+def top_command(args: argparse.Namespace) -> int:
+    """The live view (``top.py``); each refresh waits for the daemon at most one interval."""
+    if not args.interval > 0:
+        raise SystemExit("akidb-embed top: --interval must be positive")
+    with Client(args.socket, timeout=args.interval, retries=1) as client:
+        if not args.once:
+            top.live(client, args.interval)
+            return 0
+        frame = top.fetch(client)
+        print("\n".join(top.render(frame, str(client.socket_path), args.interval)))
+        return EXIT_UNAVAILABLE if isinstance(frame, str) else 0
 
 
 @_exit_codes

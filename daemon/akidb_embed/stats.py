@@ -64,6 +64,7 @@ class ModelStats:
         self.evictions = 0
         self.swaps = 0
         self.histograms = {stage: Histogram() for stage in STAGES}
+        self._started = time.monotonic()
         # The window: a ring of the last WINDOW_LIMIT requests (arrays, so a percentile is one numpy call).
         self._times = np.full(WINDOW_LIMIT, -np.inf)  # time.monotonic() when served; -inf: empty slot
         self._texts = np.zeros(WINDOW_LIMIT, np.int64)
@@ -86,9 +87,11 @@ class ModelStats:
         now = time.monotonic()
         recent = self._times >= now - WINDOW_SECONDS
         count = int(recent.sum())
-        span = WINDOW_SECONDS
-        if count == WINDOW_LIMIT:  # the window filled up in under a minute: rates over the time it holds
-            span = max(now - float(self._times.min()), 1e-3)
+        # Rates over the last minute, or over less: since these figures began, or what a full window holds.
+        span = min(WINDOW_SECONDS, now - self._started)
+        if count == WINDOW_LIMIT:
+            span = min(span, now - float(self._times.min()))
+        span = max(span, 1e-3)
         latency = _percentiles(self._latency[recent])
         return {
             "requests": self.requests,
