@@ -91,7 +91,7 @@ def test_shipped_example_manifest_loads_disabled(path: Path) -> None:
 def test_shipped_config_is_all_comments_and_equals_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(SOCKET_ENV, raising=False)
     code = [line for line in SHIPPED_CONFIG.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    assert code == ["[limits]", "[memory]"]
+    assert code == ["[limits]", "[memory]", "[metrics]"]
     assert load_settings(SHIPPED_CONFIG) == Settings()
 
 

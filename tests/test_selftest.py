@@ -130,7 +130,7 @@ def test_a_model_failing_its_self_test_serves_nothing(daemon: Daemon, model_id: 
         assert "self-test failed: min cosine" in message and ", mean " in message and "(need >= 0.999)" in message
         assert "worst text #" in message and cause in message
         info = _models(client)[model_id]
-        assert info["state"] == "failed" and cause in info["error"] and info["verification"] == "pending"
+        assert info["state"] == "failed" and cause in info["error"] and info["verification"] == "failed"
         assert "min cosine" in _refused(client, model_id)
         assert client.embed(["still serving"], model="bge-tiny").model == "bge-tiny"
     assert daemon.alive()

@@ -17,7 +17,7 @@ NEVER = "—"  # no profile measured for this version: nothing to show, not a gu
 
 Model = dict[str, Any]
 # The models reply's verification, as the "verified" column shows it ("-": a daemon without self-tests).
-_VERIFIED = {"passed": "yes", "unverified": "unverified", "pending": "pending"}
+_VERIFIED = {"passed": "yes", "unverified": "unverified", "pending": "pending", "failed": "FAILED"}
 
 
 def models_table(models: Sequence[Model], now: float | None = None, wide: bool = False) -> str:

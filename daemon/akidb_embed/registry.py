@@ -21,7 +21,7 @@ from typing import Any
 
 from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, UnknownModel
 
-from . import cache
+from . import cache, selftest
 from .catalog import Catalog, Entry
 from .footprint import Footprint
 from .loader import LoadedModel, load_model
@@ -240,7 +240,7 @@ class Registry:
             pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
             keep_alive=default_keep_alive(serving, self.settings) if serving else None,
             last_used=self.store.recorded(entry.id).last_used or None, stats=entry.stats.describe(),
-            verification="pending" if serving and serving.golden else "unverified", selftest=None,
+            verification=_verification(entry, serving), selftest=None,
             profile=self._profile(entry),
         )  # fmt: skip
         model = entry.model
@@ -399,6 +399,13 @@ def _finish_load(entry: Entry, task: asyncio.Task) -> None:
 def default_keep_alive(manifest: Manifest, settings: Settings) -> float:
     """A model's keep_alive: its manifest's, else the daemon's default."""
     return manifest.keep_alive if manifest.keep_alive is not None else settings.memory.keep_alive
+
+
+def _verification(entry: Entry, serving: Manifest | None) -> str:
+    """What is known of a model not loaded: it failed its self-test, it will take one, or it has none."""
+    if serving is None or serving.golden is None:
+        return "unverified"
+    return "failed" if (entry.error or "").startswith(selftest.FAILED) else "pending"
 
 
 def _mb(count: int) -> float:

@@ -23,6 +23,7 @@ from .pooling import POOLERS, l2_normalize, pool
 from .tokenize import TextEncoder, Tokens
 
 GOLDEN_FILE = "golden.npz"
+FAILED = "self-test failed"  # how a failure's message starts: the registry reports the verification from it
 _BATCH = 4  # texts per run, sorted by length as the batcher does: rows of different lengths share a padded batch
 _EXCERPT = 60  # characters of the worst text quoted in a failure
 
@@ -111,7 +112,7 @@ def run_self_test(manifest: Manifest, encoder: TextEncoder, backend: Backend) ->
         worst = int(np.argmin(cos))
         cause = _diagnosis(manifest, golden, tokens, vectors, tolerance, backend)
         raise BackendError(
-            f"self-test failed: min cosine {cos.min():.6f}, mean {cos.mean():.6f} against the golden vectors of "
+            f"{FAILED}: min cosine {cos.min():.6f}, mean {cos.mean():.6f} against the golden vectors of "
             f"{manifest.golden.path} (need >= {tolerance}); worst text #{worst} (cosine {cos[worst]:.6f}): "
             f"{golden.texts[worst][:_EXCERPT]!r}. Likely cause: {cause}"
         )

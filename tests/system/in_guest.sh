@@ -7,7 +7,8 @@
 #    2 verify       systemd-analyze verify of the installed unit
 #    3 measure      bench_service.sh: start-to-READY, idle RSS and CPU (no model loaded)
 #    4 hot-load     a real model copied in and its manifest renamed into models.d: served
-#                   without a restart (same MainPID)
+#                   without a restart (same MainPID), verified by its golden vectors, and
+#                   counted in the metrics textfile
 #    5 clients      system Python client as a member of group akidb-embed gets a (1, 384)
 #                   vector; a user outside the group cannot open the socket
 #    6 reload       `systemctl reload` keeps serving: same PID, same fingerprint and vectors
@@ -206,7 +207,7 @@ find "$MODEL_SRC" -maxdepth 1 -type f ! -name '*.toml' -exec cp {} "$dest/" \;
 chmod -R a+rX "$dest"
 # the manifest names its files by absolute path on the machine that converted them: point them
 # here, write it beside the catalog under a name the daemon ignores, then rename it in (atomic)
-sed -E "s#^(model|tokenizer|external_data)( *)= *\".*/([^/\"]+)\"#\\1\\2= \"$dest/\\3\"#" "$manifest" \
+sed -E "s#^(model|tokenizer|file)( *)= *\".*/([^/\"]+)\"#\\1\\2= \"$dest/\\3\"#" "$manifest" \
     >"$CATALOG/$MODEL_ID.toml.new"
 grep -E '^(model|tokenizer) *=' "$CATALOG/$MODEL_ID.toml.new" | sed 's/^/    manifest: /'
 mv -f "$CATALOG/$MODEL_ID.toml.new" "$CATALOG/$MODEL_ID.toml"
@@ -221,7 +222,14 @@ wait_until 15 served || fail "15 s after the manifest appeared, $MODEL_ID is '$(
 out=$(akidb-embed embed --json "a first sentence for the new model" 2>&1) || fail "akidb-embed embed failed: $out"
 dim=$(json_get "$out" 'd["dimension"]')
 [ "$dim" = 384 ] || fail "the embedding has dimension $dim, expected 384"
-pass "state $(model_state), same MainPID $pid, 384-dim vector from the CLI"
+verification=$(akidb-embed models --json 2>/dev/null | python3 -c '
+import json, sys
+print(next((m.get("verification") for m in json.load(sys.stdin) if m.get("id") == sys.argv[1]), "absent"))' "$MODEL_ID")
+[ "$verification" = passed ] || fail "$MODEL_ID is '$verification', not verified by its golden vectors: $(akidb-embed models 2>&1)"
+PROM=/var/lib/akidb-embed/metrics/akidb-embed.prom
+counted() { grep -q "^akidb_embed_requests_total{code=\"ok\",model=\"$MODEL_ID\"} [1-9]" "$PROM" 2>/dev/null; }
+wait_until 15 counted || fail "the metrics textfile $PROM does not count the embed: $(ls -l "$PROM" 2>&1)"
+pass "state $(model_state), same MainPID $pid, 384-dim vector from the CLI, self-test passed, counted in $PROM"
 
 # =============================================================================================
 begin 5 clients
