@@ -33,7 +33,8 @@ def test_a_profile_is_measured_kept_and_shown(daemon: Daemon) -> None:
     assert profile["memory_mb"] == model["memory_mb"]
     assert profile["fingerprint"] == model["fingerprint"] and profile["provider"] == model["provider"]
     assert profile["min_cosine"] is None  # the tiny catalog's models have no golden vectors
-    assert model["stats"]["requests"] == 0  # the bench's own jobs are not requests anyone sent
+    assert model["stats"]["requests"] == 0 and model["requests"] == 0  # the bench's own jobs are no one's requests
+    assert model["stats"]["hits"] + model["stats"]["misses"] == 0
 
 
 def test_a_profile_survives_a_restart_and_a_new_version_has_none(catalog: Path, tmp_path: Path) -> None:

@@ -73,6 +73,7 @@ class Engine:
         # Checked before the model is taken: a bad request neither causes a load nor sets keep_alive.
         serving = entry.model.manifest if entry.model else entry.manifest
         job = self._job(serving, texts, fields, arrived)
+        entry.stats.took(loaded=entry.model is not None)
         model = await self.registry.acquire(entry.id, fields.get("keep_alive"))
         try:
             if model.manifest is not serving:  # loaded, or swapped, meanwhile: the version that serves decides

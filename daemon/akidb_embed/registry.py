@@ -94,10 +94,7 @@ class Registry:
         """A loaded, reference-counted model; pair with ``release``."""
         entry = self.entry(model_id)
         if entry.model is None:
-            entry.stats.misses += 1
             await self.load(entry)
-        else:
-            entry.stats.hits += 1
         model = entry.model
         if model is None:  # unloaded or removed while this request waited for the load
             raise ModelUnavailable(f"model {entry.id!r} was unloaded while loading; retry")
@@ -107,11 +104,13 @@ class Registry:
             model.keep_alive = keep_alive
         return model
 
-    def release(self, model: LoadedModel, served: int = 0) -> None:
-        """Drop one reference; a retired (or keep_alive = 0) model unloads when its last request is done."""
+    def release(self, model: LoadedModel, served: int | None = 0) -> None:
+        """Drop one reference (``served`` texts of an embed request; None: no request, a bench); a retired (or
+        keep_alive = 0) model unloads when its last request is done."""
         model.in_flight -= 1
-        model.requests += 1
-        model.served += served
+        if served is not None:
+            model.requests += 1
+            model.served += served
         model.last_used = time.time()
         if model.in_flight:
             return
@@ -161,7 +160,7 @@ class Registry:
         try:
             measured = await measure(model, self.footprint(entry), latency_texts)
         finally:
-            self.release(model)
+            self.release(model, served=None)
         self.store.state.profiles[measured.key] = measured.as_dict()
         self._save()
         return measured

@@ -79,6 +79,13 @@ class ModelStats:
         slot = self.requests % WINDOW_LIMIT
         self._times[slot], self._texts[slot], self._latency[slot] = time.monotonic(), texts, seconds
 
+    def took(self, loaded: bool) -> None:
+        """A request takes the model: a cache hit if it was loaded, else a miss that waits for the load."""
+        if loaded:
+            self.hits += 1
+        else:
+            self.misses += 1
+
     def failed(self, code: str) -> None:
         self.errors[code] += 1
 
