@@ -1,9 +1,11 @@
 """What each op does, from a decoded request to its reply: ``(header, vectors or None)``.
 
 ``embed`` checks the request against the limits and the model's manifest, acquires the model
-from the registry, queues one ``Job`` on its batcher and awaits it. ``load``/``pin`` await a
-load and ``unload`` the release of the memory; ``unpin``, ``models``, ``status`` and ``ping``
-answer at once.
+from the registry, queues one ``Job`` on its batcher, awaits it and counts it in the model's
+statistics. ``load``/``pin`` await a load, ``tune`` a measured reload, ``bench`` a measured
+profile and ``unload`` the release of the memory; ``unpin``, ``models``, ``status`` and
+``ping`` answer at once, from the registry's snapshot. ``ops`` is the table the server
+dispatches through.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from akidb_embed_client.protocol import is_utf8
 
 from . import __version__
 from .batcher import Embedded, Job
+from .catalog import Entry
 from .loader import LoadedModel
 from .manifest import Manifest
 from .memory import MIB
 from .profile import LATENCY_TEXTS
-from .catalog import Entry
 from .registry import Registry
 from .settings import Settings
 from .stats import Timing

@@ -222,7 +222,7 @@ class Registry:
         """Every entry described, the memory sample and the cache's figures, copied for ``status`` and ``models``."""
         return Snapshot(
             [self._describe(entry) for entry in self.entries.values()], self.default_id(),
-            self.monitor.sample().as_dict(), self.unaccounted, self.evictions,
+            self.memory_sample().as_dict(), self.unaccounted, self.evictions,
         )  # fmt: skip
 
     def describe(self, model_id: str) -> dict[str, Any]:
