@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -59,8 +60,9 @@ def profile_key(fingerprint: str, provider: str) -> str:
     return f"{fingerprint}/{provider}"
 
 
-async def measure(model: LoadedModel, charge: int, latency_texts: int = LATENCY_TEXTS) -> Profile:
-    """Time ``model`` through its queue: single texts, then tuned batches; the profile."""
+async def measure(model: LoadedModel, charge: Callable[[], int], latency_texts: int = LATENCY_TEXTS) -> Profile:
+    """Time ``model`` through its queue: single texts, then tuned batches; the profile, with the model's ``charge``
+    taken last (the bench's own batches may have raised its peak)."""
     singles = [await _run(model, [SAMPLE[i % len(SAMPLE)]]) for i in range(latency_texts)]
     batch = _batch_texts(model)
     texts = [SAMPLE[i % len(SAMPLE)] for i in range(batch)]
@@ -72,7 +74,7 @@ async def measure(model: LoadedModel, charge: int, latency_texts: int = LATENCY_
     p50, p95 = np.percentile(np.array(singles) * 1e3, [50, 95])
     return Profile(
         model.fingerprint, model.backend.providers[0], round((model.load_seconds - model.measure_seconds) * 1e3, 1),
-        round(float(p50), 3), round(float(p95), 3), round(rate, 1), batch, round(charge / MIB, 1),
+        round(float(p50), 3), round(float(p95), 3), round(rate, 1), batch, round(charge() / MIB, 1),
         model.selftest.min_cosine if model.selftest else None, time.time(),
     )  # fmt: skip
 

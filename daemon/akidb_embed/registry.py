@@ -158,7 +158,9 @@ class Registry:
         """Profile the entry's model through its queue (loading it first if need be), and keep the profile."""
         model = await self.acquire(entry.id)
         try:
-            measured = await measure(model, self.footprint(entry), latency_texts)
+            # Unloaded or swapped out meanwhile, the model still has its own charge.
+            measured = await measure(model, lambda: self.footprint(entry) if entry.model is model else model.charge,
+                                     latency_texts)  # fmt: skip
         finally:
             self.release(model, served=None)
         self.store.state.profiles[measured.key] = measured.as_dict()
