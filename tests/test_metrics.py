@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+from akidb_embed.metrics import write_readable
 from akidb_embed.settings import MetricsSettings, SettingsError, load_settings
 from akidb_embed_client import errors
 from daemon_process import Daemon, run_daemon, wait_for, write_config
@@ -150,3 +152,15 @@ def test_bad_metrics_settings_are_refused(tmp_path: Path, table: dict) -> None:
 def test_the_textfile_follows_the_state_dir() -> None:
     settings = load_settings(None, state_dir=Path("/var/lib/x"))
     assert settings.metrics_textfile == Path("/var/lib/x/metrics/akidb-embed.prom")
+
+
+def test_the_textfile_is_readable_by_other_users_whatever_the_umask(tmp_path: Path) -> None:
+    """node_exporter reads it as a user of its own; the daemon runs with UMask=0007 under systemd."""
+    path = tmp_path / "metrics" / "akidb-embed.prom"
+    old = os.umask(0o077)
+    try:
+        write_readable(path, b"akidb_embed_uptime_seconds 1.0\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and stat.S_IMODE(path.parent.stat().st_mode) == 0o755
+    assert [p.name for p in path.parent.iterdir()] == ["akidb-embed.prom"]  # no temporary left behind

@@ -1,7 +1,7 @@
 """Prometheus metrics: the registry's figures as metric families, in a node_exporter textfile and,
 if configured, over HTTP on a loopback address.
 
-The textfile (``prometheus_client.write_to_textfile``: a temporary file renamed into place) is
+The textfile (a temporary file renamed into place, readable by node_exporter's user) is
 rewritten every ``metrics.interval_seconds`` from the event loop, so the daemon opens no TCP
 port by default. Every catalog model has its series from the first write, right after
 readiness. The figures live on the event loop: an HTTP scrape, which arrives on
@@ -17,9 +17,10 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -47,8 +48,15 @@ class DaemonCollector(Collector):
         if threading.get_ident() == self._loop_thread:
             return iter(self.families())
         answer: concurrent.futures.Future = concurrent.futures.Future()
-        self.loop.call_soon_threadsafe(lambda: answer.set_result(self.families()))
+        self.loop.call_soon_threadsafe(self._collect_into, answer)
         return iter(answer.result(timeout=SCRAPE_TIMEOUT))
+
+    def _collect_into(self, answer: concurrent.futures.Future) -> None:
+        """On the loop: the families, or the error that kept them, for the scrape's thread."""
+        try:
+            answer.set_result(self.families())
+        except Exception as exc:  # the scrape fails with the cause at once, not after a timeout
+            answer.set_exception(exc)
 
     def families(self) -> list[Metric]:
         """Every family, from one snapshot of the registry."""
@@ -96,9 +104,7 @@ class MetricsExporter:
         if self.textfile is None:
             return
         try:
-            self.textfile.parent.mkdir(parents=True, exist_ok=True)
-            write_to_textfile(str(self.textfile), self.collectors)
-            os.chmod(self.textfile, 0o644)  # node_exporter runs as its own user; the figures are not secret
+            write_readable(self.textfile, generate_latest(self.collectors))
             self._failed = False
         except OSError as exc:
             if not self._failed:
@@ -109,6 +115,29 @@ class MetricsExporter:
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()
+
+
+def write_readable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file renamed into place), readable by all.
+
+    node_exporter runs as a user of its own, and the figures are not secret: the folder and the file get
+    0755 and 0644 whatever the daemon's umask, and the mode is set before the rename, so no scrape finds
+    the file unreadable.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.stat().st_uid == os.getuid():  # a folder someone else made (node_exporter's) keeps its mode
+        os.chmod(path.parent, 0o755)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _daemon_families(memory: dict[str, Any], registry: Registry, started: float) -> Iterator[Metric]:
@@ -116,7 +145,7 @@ def _daemon_families(memory: dict[str, Any], registry: Registry, started: float)
     info.add_metric([__version__], 1)
     yield info
     yield GaugeMetricFamily(PREFIX + "uptime_seconds", "Seconds since the daemon started.", time.time() - started)
-    source = [str(memory["source"])]
+    source = [str(memory["source"]).split(" (")[0]]  # without a passing remark, e.g. "(tegrastats starting)"
     for key, text in (("total", "Memory the daemon sees in all."), ("available", "Memory still available."),
                       ("used", "Memory in use (total - available).")):  # fmt: skip
         gauge = GaugeMetricFamily(f"{PREFIX}memory_{key}_bytes", text + " From the memory source.", labels=["source"])

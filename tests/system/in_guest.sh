@@ -229,7 +229,9 @@ print(next((m.get("verification") for m in json.load(sys.stdin) if m.get("id") =
 PROM=/var/lib/akidb-embed/metrics/akidb-embed.prom
 counted() { grep -q "^akidb_embed_requests_total{code=\"ok\",model=\"$MODEL_ID\"} [1-9]" "$PROM" 2>/dev/null; }
 wait_until 15 counted || fail "the metrics textfile $PROM does not count the embed: $(ls -l "$PROM" 2>&1)"
-pass "state $(model_state), same MainPID $pid, 384-dim vector from the CLI, self-test passed, counted in $PROM"
+runuser -u nobody -- cat "$PROM" >/dev/null \
+    || fail "node_exporter's user could not read $PROM: $(ls -ld "$(dirname "$PROM")" "$PROM" 2>&1)"
+pass "state $(model_state), same MainPID $pid, 384-dim vector from the CLI, self-test passed, counted in $PROM (readable by other users)"
 
 # =============================================================================================
 begin 5 clients
