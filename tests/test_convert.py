@@ -142,7 +142,9 @@ def test_int8_meets_its_gate_and_is_smaller(int8: Converted, fp32: Converted) ->
     m = load_manifest(int8.manifest)
     assert m.model == int8.out_dir / "model.onnx" and m.memory_mb is not None and m.precision == "int8"
     assert f"int8 parity: min cosine {report.min_cosine:.6f}" in int8.manifest.read_text()
-    assert m.memory_mb < load_manifest(fp32.manifest).memory_mb - 60  # ~65 MiB less of weights, the same activations
+    # ~64 MiB less of weights and the same activations; the worst burst's peak is measured afresh by each
+    # conversion and varies by up to 20 MiB from run to run (fp32 68-89, int8 57-85 measured).
+    assert m.memory_mb < load_manifest(fp32.manifest).memory_mb - 64 + 20
 
 
 def test_golden_vectors_cover_languages_and_truncation(fp32: Converted, int8: Converted) -> None:
