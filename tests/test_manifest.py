@@ -148,6 +148,7 @@ def test_full_manifest_round_trips(tmp_path: Path) -> None:
         "precision": "fp16",
         "conversion": {"source": "../src/mini", "fuse": False},  # relative: from the manifest's folder
         "golden": {"file": "../files/golden.npz", "min_cosine": 0.985},  # relative too
+        "fallback": ["mini-int8", "other"],
     }
     path = write_manifest(tmp_path, **fields)
     manifest = load_manifest(path)
@@ -164,6 +165,7 @@ def test_full_manifest_round_trips(tmp_path: Path) -> None:
         "max_length": 32, "pooling": "last_token", "normalize": False, "prompts": ["passage", "query"],
         "matryoshka_dimensions": [2, 4], "memory_mb": 220, "languages": ["en", "de"], "multilingual": True,
         "license": "apache-2.0", "default": True, "enabled": False, "precision": "fp16",
+        "fallback": ["mini-int8", "other"],
     }
 
 
@@ -270,6 +272,12 @@ def test_languages_must_be_strings(tmp_path: Path) -> None:
 
 def test_unknown_provider(tmp_path: Path) -> None:
     assert_refused(write_manifest(tmp_path, providers=["cuda", "rocm"]), "provider 'rocm'", "tensorrt, cuda, cpu")
+
+
+@pytest.mark.parametrize("fallback", [["mini"], ["../x"], [3]])
+def test_fallback_names_other_models(tmp_path: Path, fallback: list) -> None:
+    """A model cannot fall back on itself, on a path or on a number."""
+    assert_refused(write_manifest(tmp_path, fallback=fallback), "fallback must list other models' ids")
 
 
 def test_unknown_precision(tmp_path: Path) -> None:

@@ -33,8 +33,11 @@ OP_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "dimensions": (int, _NONE),
         "timeout_ms": (int, _NONE),
         "keep_alive": (int, float, _NONE),
+        "constraints": (dict, _NONE),  # with model "auto": what the chosen model must meet (docs/protocol.md)
+        "expect_fingerprint": (str, _NONE),  # model_changed if another version serves
+        "allow_fallback": (bool, _NONE),  # a failed, overloaded or full model may be served by its fallback
     },
-    "models": {},
+    "models": {"constraints": (dict, _NONE)},
     "status": {},
     "ping": {},
     "load": {"model": (str,), "keep_alive": (int, float, _NONE)},
@@ -44,6 +47,7 @@ OP_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "tune": {"model": (str,)},
     "bench": {"model": (str,), "texts": (int, _NONE)},
 }
+AUTO_MODEL = "auto"  # the model name that asks the daemon to choose by the request's constraints
 # Seconds a model stays loaded after its last use: negative keeps it loaded, 0 unloads it at once.
 KEEP_ALIVE_FOREVER = -1
 REQUIRED_FIELDS = {"embed": ("texts",), "load": ("model",), "unload": ("model",), "pin": ("model",), "unpin": ("model",),
@@ -156,6 +160,8 @@ def encode_result(request_id: str | int | None, result: dict[str, Any], vectors:
 def encode_error(request_id: str | int | None, error: EmbedError) -> list[bytes]:
     """Frames of an error reply."""
     header = {"v": VERSION, "id": request_id, "ok": False, "code": error.code, "message": error.message}
+    if error.details:
+        header["details"] = error.details
     return [msgpack.packb(header, use_bin_type=True)]
 
 
@@ -163,7 +169,7 @@ def decode_reply(frames: list[bytes]) -> Reply:
     """Unpack a reply; an error reply raises the EmbedError subclass of its code."""
     header = msgpack.unpackb(frames[0], raw=False)
     if not header.get("ok"):
-        raise error_for(header.get("code", "internal"), header.get("message", "no message"))
+        raise error_for(header.get("code", "internal"), header.get("message", "no message"), header.get("details"))
     result = {k: v for k, v in header.items() if k not in ("v", "id", "ok", "shape", "dtype")}
     if len(frames) < 2:
         return Reply(header.get("id"), result)

@@ -49,6 +49,7 @@ async def _serve(settings: Settings) -> int:
     engine = Engine(settings, registry)
     server = Server(settings, engine)
     server.bind()  # first: a socket in use stops the daemon before any thread or child starts
+    registry.events.bind(settings.events_path, server.context)
     monitor.start()
 
     phase = "serving"  # "stopping" once the drain begins
@@ -107,6 +108,7 @@ async def _serve(settings: Settings) -> int:
     exporter.stop()
     watcher.stop()
     await registry.close()
+    registry.events.close()
     server.close()
     monitor.stop()
     log.info("stopped")

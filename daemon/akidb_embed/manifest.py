@@ -79,6 +79,7 @@ class Manifest:
     precision: str = "fp32"  # of the weights: fp16 graphs are for GPU providers only
     conversion: Conversion | None = None
     golden: Golden | None = None  # None: served, but unverified
+    fallback: tuple[str, ...] = ()  # model ids that may serve its requests when it cannot, if a request consents
 
     def resolve_prompt(self, prompt: str | None) -> str:
         """The text prefixed to each input: a named prompt, a literal prefix, or the default."""
@@ -106,6 +107,7 @@ class Manifest:
             "default": self.default,
             "enabled": self.enabled,
             "precision": self.precision,
+            "fallback": list(self.fallback),
         }
 
 
@@ -138,6 +140,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "precision": ((str,), False),
     "conversion": ((dict,), False),
     "golden": ((dict,), False),
+    "fallback": ((list,), False),
 }
 _TABLES = ("conversion", "golden")
 # [table] key -> accepted types
@@ -221,6 +224,7 @@ def _normalize_sequences(manifest: Manifest) -> Manifest:
         manifest,
         matryoshka_dimensions=tuple(manifest.matryoshka_dimensions),
         languages=tuple(manifest.languages),
+        fallback=tuple(manifest.fallback),
         providers=providers,
     )
 
@@ -251,6 +255,9 @@ def _check_values(m: Manifest) -> None:
         raise ManifestError(f"{where} default_prompt {m.default_prompt!r} is not one of the prompts")
     if not all(isinstance(lang, str) for lang in m.languages):
         raise ManifestError(f"{where} languages must be strings")
+    for other in m.fallback:
+        if not isinstance(other, str) or not ID_PATTERN.match(other) or other == m.id:
+            raise ManifestError(f"{where} fallback must list other models' ids, not {other!r}")
     for provider in m.providers or ():
         if provider not in PROVIDERS:
             raise ManifestError(f"{where} provider {provider!r} is not one of {', '.join(PROVIDERS)}")

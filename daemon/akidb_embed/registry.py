@@ -23,6 +23,7 @@ from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, Unkn
 
 from . import cache, selftest
 from .catalog import Catalog, Entry
+from .events import EventPublisher
 from .footprint import Footprint
 from .loader import LoadedModel, load_model
 from .manifest import Manifest
@@ -57,6 +58,7 @@ class Registry:
         self.catalog = Catalog(settings.catalog)
         self.entries = self.catalog.entries  # by model id; the catalog keeps them in step with the directory
         self.evictions = 0
+        self.events = EventPublisher()  # bound by the app beside the request socket
         self.unaccounted = 0  # bytes the daemon holds beyond its models' charges (upkeep measures it)
         self.idle_rss = process_rss()  # the daemon's resident size with no model; the app sets it once ready
         # One loader thread: loads and closes happen one at a time, in the order they were asked for.
@@ -68,11 +70,13 @@ class Registry:
         log.info("catalog %s: %s; default model %s", self.settings.catalog, self.catalog.summary(), self.default_id())
 
     def added(self, entry: Entry) -> None:
+        self.events.model("discovered", entry.id, state=entry.state, error=entry.error)
         entry.pinned = (entry.manifest is not None and entry.manifest.pinned) or self.store.recorded(entry.id).pinned
         if not entry.error and entry.pinned and entry.manifest.enabled:
             self._start_load(entry)  # pinned: loaded as soon as it is known (at start, after readiness)
 
     def removed(self, entry: Entry) -> None:
+        self.events.model("removed", entry.id)
         self._unload(entry)
 
     def changed(self, entry: Entry) -> None:
@@ -130,16 +134,18 @@ class Registry:
             self._start_load(entry)
         await asyncio.shield(entry.loading)
 
-    def unload(self, entry: Entry, reason: str = "on request") -> asyncio.Future | None:
+    def unload(self, entry: Entry, reason: str = "on request", event: str = "unloaded") -> asyncio.Future | None:
         """Unload now; requests in flight finish on it first. The future, if any, is the close under way."""
         log.info("model %s: unloading (%s)", entry.id, reason)
+        if entry.model is not None:
+            self.events.model(event, entry.id, fingerprint=entry.model.fingerprint, reason=reason)
         return self._unload(entry)
 
     def evict(self, entry: Entry, reason: str) -> None:
         """Unload an idle model to free memory, counted as an eviction."""
         self.evictions += 1
         entry.stats.evictions += 1
-        self.unload(entry, reason)
+        self.unload(entry, reason, event="evicted")
 
     async def retune(self, entry: Entry) -> None:
         """Measure the model's footprint and speed settings again and load it with them (a swap if loaded)."""
@@ -297,9 +303,11 @@ class Registry:
         if old is not None:
             log.info("model %s: swapped to fingerprint %s", entry.id, model.fingerprint)
             entry.stats.swaps += 1
+            self.events.model("swapped", entry.id, old_fingerprint=old.fingerprint, fingerprint=model.fingerprint)
             self._retire(old)
         else:
             entry.stats.cold_loads += 1
+            self.events.model("loaded", entry.id, fingerprint=model.fingerprint, load_ms=round(model.load_seconds * 1e3, 1))
         self._remember(record, model)
         record.load_ms = model.load_seconds * 1e3
         self._save()
@@ -352,6 +360,7 @@ class Registry:
 
     def _fail(self, entry: Entry, message: str) -> None:
         log.error("model %s: load failed: %s", entry.id, message)
+        self.events.model("failed", entry.id, error=message, serving=entry.model is not None)
         if entry.model is not None:
             entry.update_error = message  # the old version keeps serving
         else:

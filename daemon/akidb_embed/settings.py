@@ -99,6 +99,21 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class CircuitSettings:
+    failures: int = 3  # inferences failing in a row that open a model's circuit (one failed load opens it)
+    backoff_seconds: float = 30.0  # open this long before one trial is let through; doubled after each failed trial
+    max_backoff_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise SettingsError(f"circuit.{f.name} must be a positive number, not {value!r}")
+        if isinstance(self.failures, float) or self.max_backoff_seconds < self.backoff_seconds:
+            raise SettingsError("circuit.failures must be an integer and max_backoff_seconds >= backoff_seconds")
+
+
+@dataclass(frozen=True)
 class Settings:
     socket: Path = DEFAULT_SOCKET
     catalog: Path = Path("/etc/akidb-embed/models.d")
@@ -112,6 +127,8 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     memory: MemorySettings = field(default_factory=MemorySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    circuit: CircuitSettings = field(default_factory=CircuitSettings)
+    events_socket: Path | None = None  # the PUB socket of lifecycle events; None: beside the socket (events_path)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -123,6 +140,11 @@ class Settings:
             raise SettingsError(f"log_level {self.log_level!r} is not one of debug, info, warning, error")
 
     @property
+    def events_path(self) -> Path:
+        """The events socket: configured, else ``<socket stem>.events.sock`` in the request socket's folder."""
+        return self.events_socket or self.socket.with_name(f"{self.socket.stem}.events.sock")
+
+    @property
     def metrics_textfile(self) -> Path | None:
         """Where the metrics textfile goes, if anywhere."""
         textfile = self.metrics.textfile
@@ -131,7 +153,7 @@ class Settings:
         return Path(textfile) if textfile else None
 
 
-_PATH_KEYS = ("socket", "catalog", "state_dir", "cache_dir")
+_PATH_KEYS = ("socket", "events_socket", "catalog", "state_dir", "cache_dir")
 # What each key may be in the TOML file (or on the command line, where paths are Paths already).
 _TYPES: dict[str, tuple[type, ...]] = {
     **{key: (str, Path) for key in _PATH_KEYS},
@@ -149,7 +171,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     Overrides that are None are ignored, so argparse results can be passed straight in.
     """
     data = _read_config(config)
-    tables = {name: data.pop(name, {}) for name in ("limits", "memory", "metrics")}
+    tables = {name: data.pop(name, {}) for name in ("limits", "memory", "metrics", "circuit")}
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise SettingsError(f"[{name}] must be a table")
@@ -169,7 +191,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         data["providers"] = tuple(data["providers"])
     try:
         return Settings(**data, limits=Limits(**tables["limits"]), memory=MemorySettings(**tables["memory"]),
-                        metrics=MetricsSettings(**tables["metrics"]))
+                        metrics=MetricsSettings(**tables["metrics"]), circuit=CircuitSettings(**tables["circuit"]))
     except TypeError as exc:
         raise SettingsError(f"bad setting: {exc}") from None
 

@@ -30,6 +30,7 @@ class Upkeep:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._stuck = False  # under pressure with nothing to evict: said once, not every round
+        self._pressed = False  # over the high watermark, and not yet back under the low one
         self._batches: dict[str, int] = {}  # batches run per model at the last check
 
     async def run(self, every: float, after: Callable[[], None]) -> None:
@@ -80,6 +81,7 @@ class Upkeep:
     def relieve_pressure(self) -> None:
         registry, memory = self.registry, self.registry.settings.memory
         sample = registry.memory_sample()
+        self._tell_pressure(sample.pressure, sample.source)
         residents = registry.residents()
         cap, charged = memory.model_memory_mb * MIB, sum(r.footprint for r in residents) + registry.unaccounted
         if cap and charged > cap:  # the daemon's own growth pushed it past the cap
@@ -93,6 +95,16 @@ class Upkeep:
         if not victims and not self._stuck:
             log.warning("memory pressure %.0f%% but no idle unpinned model to evict", sample.pressure * 100)
         self._stuck = not victims
+
+    def _tell_pressure(self, pressure: float, source: str) -> None:
+        """Publish the memory pressure crossing the high watermark, and falling back under the low one."""
+        memory = self.registry.settings.memory
+        crossed = pressure > memory.high_watermark if not self._pressed else pressure < memory.low_watermark
+        if crossed:
+            self._pressed = not self._pressed
+            event = "pressure_high" if self._pressed else "pressure_normal"
+            self.registry.events.memory(event, pressure=round(pressure, 4), source=source,
+                                        high_watermark=memory.high_watermark, low_watermark=memory.low_watermark)
 
     def _evict(self, victims: list[str], reason: str) -> None:
         for model_id in victims:
