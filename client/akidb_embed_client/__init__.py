@@ -8,18 +8,21 @@ from .errors import (
     InputTooLong,
     InsufficientMemory,
     InternalError,
+    ModelChanged,
     ModelUnavailable,
+    NoModelFits,
     Overloaded,
     ShuttingDown,
     Unavailable,
     UnknownModel,
     UnsupportedVersion,
 )
-from .protocol import KEEP_ALIVE_FOREVER
+from .protocol import AUTO_MODEL, KEEP_ALIVE_FOREVER
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AUTO_MODEL",
     "AsyncClient",
     "BadRequest",
     "Client",
@@ -29,7 +32,9 @@ __all__ = [
     "InsufficientMemory",
     "InternalError",
     "KEEP_ALIVE_FOREVER",
+    "ModelChanged",
     "ModelUnavailable",
+    "NoModelFits",
     "Overloaded",
     "ShuttingDown",
     "Unavailable",

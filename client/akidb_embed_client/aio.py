@@ -27,8 +27,10 @@ class AsyncClient:
     so give the client that loads a large model a larger timeout.
     """
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 10.0, retries: int = 3) -> None:
+    def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 10.0, retries: int = 3,
+                 expect_fingerprint: str | None = None) -> None:
         self.socket_path = resolve_socket(socket)
+        self.expect_fingerprint = expect_fingerprint
         self.timeout = timeout
         self.retries = max(1, retries)
         self._ids = request_ids()
@@ -46,14 +48,22 @@ class AsyncClient:
         prompt: str | None = None,
         dimensions: int | None = None,
         keep_alive: float | None = None,
+        constraints: dict[str, Any] | None = None,
+        expect_fingerprint: str | None = None,
+        allow_fallback: bool | None = None,
     ) -> Embeddings:
         """Embed one text or a list of texts; rows follow the input order. See ``Client.embed``."""
-        fields = embed_fields(texts, model, normalize, truncate, prompt, dimensions, self.timeout, keep_alive)
+        fields = embed_fields(texts, model, normalize, truncate, prompt, dimensions, self.timeout, keep_alive,
+                              constraints, expect_fingerprint or self.expect_fingerprint, allow_fallback)
         return Embeddings.from_reply(await self._call("embed", **fields))
 
     async def models(self) -> list[dict[str, Any]]:
         """Every model in the catalog with its state."""
         return (await self._call("models")).result["models"]
+
+    async def fits(self, constraints: dict[str, Any]) -> dict[str, Any]:
+        """The models that meet ``constraints`` and why the others do not. See ``Client.fits``."""
+        return (await self._call("models", constraints=constraints)).result["fits"]
 
     async def load(self, model: str, keep_alive: float | None = None) -> dict[str, Any]:
         """Load a model and return its description once it is loaded. See ``Client.load``."""

@@ -16,7 +16,7 @@ import numpy as np
 import zmq
 
 from .errors import InternalError, Unavailable
-from .protocol import Reply, decode_reply, encode_request
+from .protocol import AUTO_MODEL, Reply, decode_reply, encode_request
 
 DEFAULT_SOCKET = "/run/akidb-embed/embed.sock"
 SOCKET_ENV = "AKIDB_EMBED_SOCKET"
@@ -36,8 +36,10 @@ class Embeddings(np.ndarray):
     fingerprint: str | None
     dimension: int | None
     tokens: list[int] | None
+    auto: dict[str, Any] | None  # model "auto": the prompt and dimensions it chose, judged on "profile" or "manifest"
+    fallback: dict[str, Any] | None  # a fallback served: the model requested, and the error code and message why
 
-    _META = ("model", "fingerprint", "dimension", "tokens")
+    _META = ("model", "fingerprint", "dimension", "tokens", "auto", "fallback")
 
     @classmethod
     def from_reply(cls, reply: Reply) -> Embeddings:
@@ -49,6 +51,8 @@ class Embeddings(np.ndarray):
         out.fingerprint = reply.result.get("fingerprint")
         out.dimension = reply.result.get("dim")
         out.tokens = reply.result.get("tokens")
+        out.auto = reply.result.get("auto")
+        out.fallback = reply.result.get("fallback")
         return out
 
     def __array_finalize__(self, obj: Any) -> None:
@@ -66,11 +70,15 @@ def embed_fields(
     dimensions: int | None,
     timeout: float,
     keep_alive: float | None = None,
+    constraints: dict[str, Any] | None = None,
+    expect_fingerprint: str | None = None,
+    allow_fallback: bool | None = None,
 ) -> dict[str, Any]:
-    """The fields of an embed request; a single string is a list of one."""
+    """The fields of an embed request; a single string is a list of one. ``constraints`` without a model mean
+    ``model="auto"``."""
     return {
         "texts": [texts] if isinstance(texts, str) else list(texts),
-        "model": model,
+        "model": AUTO_MODEL if model is None and constraints is not None else model,
         "normalize": normalize,
         "truncate": truncate,
         "prompt": prompt,
@@ -80,6 +88,9 @@ def embed_fields(
         # answered overloaded instead of being run.
         "timeout_ms": max(1, round(timeout * 1000)),
         "keep_alive": keep_alive,
+        "constraints": constraints,
+        "expect_fingerprint": expect_fingerprint,
+        "allow_fallback": allow_fallback,
     }
 
 
@@ -129,10 +140,13 @@ class Client:
     also sends it as ``timeout_ms``, which the daemon counts from its receipt, a cold load
     included. ``load`` answers only once the model is loaded, which can take minutes for a
     large model: give the client that loads it a larger timeout, e.g. ``Client(timeout=300)``.
+    ``expect_fingerprint`` pins every ``embed`` of this client to one model version (see ``embed``).
     """
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 10.0, retries: int = 3) -> None:
+    def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 10.0, retries: int = 3,
+                 expect_fingerprint: str | None = None) -> None:
         self.socket_path = resolve_socket(socket)
+        self.expect_fingerprint = expect_fingerprint
         self.timeout = timeout
         self.retries = max(1, retries)
         self._ids = request_ids()
@@ -148,18 +162,32 @@ class Client:
         prompt: str | None = None,
         dimensions: int | None = None,
         keep_alive: float | None = None,
+        constraints: dict[str, Any] | None = None,
+        expect_fingerprint: str | None = None,
+        allow_fallback: bool | None = None,
     ) -> Embeddings:
         """Embed one text or a list of texts; rows follow the input order.
 
         ``keep_alive`` is the seconds the model stays loaded after this request: negative
         (``KEEP_ALIVE_FOREVER``) keeps it loaded, 0 unloads it at once, None is the default.
+        ``constraints`` (model "auto", or no model): the daemon chooses the model, e.g.
+        ``{"max_latency_ms": 5, "languages": ["de", "en"], "task": "query"}`` (docs/protocol.md).
+        ``expect_fingerprint`` (else the client's): ``ModelChanged`` instead of vectors from another model version.
+        ``allow_fallback``: a model that failed, is overloaded or does not fit may be served by its manifest's
+        fallback of the same width; the result's ``fallback`` then says so.
         """
-        fields = embed_fields(texts, model, normalize, truncate, prompt, dimensions, self.timeout, keep_alive)
+        fields = embed_fields(texts, model, normalize, truncate, prompt, dimensions, self.timeout, keep_alive,
+                              constraints, expect_fingerprint or self.expect_fingerprint, allow_fallback)
         return Embeddings.from_reply(self._call("embed", **fields))
 
     def models(self) -> list[dict[str, Any]]:
         """Every model in the catalog with its state."""
         return self._call("models").result["models"]
+
+    def fits(self, constraints: dict[str, Any]) -> dict[str, Any]:
+        """The models that meet ``constraints``, best first (the first is what model "auto" would get now), and
+        the others with the constraint each failed: ``{"fitting": [...], "rejected": [...]}``."""
+        return self._call("models", constraints=constraints).result["fits"]
 
     def load(self, model: str, keep_alive: float | None = None) -> dict[str, Any]:
         """Load a model (a loaded one is not loaded again) and return its description once it is loaded.

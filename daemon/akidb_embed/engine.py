@@ -17,10 +17,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
-from akidb_embed_client.errors import BadRequest, EmbedError, InternalError
-from akidb_embed_client.protocol import is_utf8
+from akidb_embed_client.errors import (BadRequest, EmbedError, InsufficientMemory, InternalError, ModelChanged,
+                                      ModelUnavailable, Overloaded)
+from akidb_embed_client.protocol import AUTO_MODEL, is_utf8
 
-from . import __version__
+from . import __version__, routing
 from .batcher import Embedded, Job
 from .catalog import Entry
 from .loader import LoadedModel
@@ -54,21 +55,71 @@ class Engine:
         """The embed reply header and the vectors for one request."""
         arrived = time.monotonic()  # timeout_ms counts from here, a cold load included
         texts = self._checked_texts(fields["texts"])
+        fields, choice = self._routed(fields)
         entry = self.registry.entry(fields.get("model"))
         try:
-            model, job = await self._run(entry, texts, fields, arrived)
-        except Exception as exc:
-            entry.stats.failed(exc.code if isinstance(exc, EmbedError) else InternalError.code)
-            raise
+            model, job = await self._counted(entry, texts, fields, arrived)
+            fallback = None
+        except (ModelUnavailable, InsufficientMemory, Overloaded) as exc:
+            if not (fields.get("allow_fallback") or choice):  # a fallback serves only by consent
+                raise
+            model, job = await self._fall_back(entry, exc, texts, fields, arrived)
+            fallback = {"requested": entry.id, "reason": exc.code, "message": exc.message}
         embedded: Embedded = job.future.result()
-        entry.stats.served(len(texts), Timing(job.started - job.queued, job.finished - job.started, time.monotonic() - arrived))
         header = {
             "model": model.manifest.id,
             "fingerprint": model.fingerprint,
             "dim": embedded.vectors.shape[1],
             "tokens": embedded.tokens,
         }
+        if choice is not None:
+            header["auto"] = choice.describe()
+        if fallback is not None:
+            header["fallback"] = fallback
         return header, embedded.vectors
+
+    def _routed(self, fields: dict[str, Any]) -> tuple[dict[str, Any], routing.Choice | None]:
+        """The request with the model ``auto`` chose (and the task's prompt, the Matryoshka dimensions), and the
+        choice; a request naming its model unchanged."""
+        constraints = fields.get("constraints")
+        if fields.get("model") != AUTO_MODEL:
+            if constraints is not None:
+                raise BadRequest(f'constraints choose a model: send them with model "{AUTO_MODEL}", or leave them out')
+            return fields, None
+        choice = routing.choose(self.registry.candidates(), routing.parse_constraints(constraints or {}))
+        routed = {**fields, "model": choice.model}
+        if choice.prompt is not None and fields.get("prompt") is None:
+            routed["prompt"] = choice.prompt
+        if choice.dimensions is not None and fields.get("dimensions") is None:
+            routed["dimensions"] = choice.dimensions
+        return routed, choice
+
+    async def _fall_back(
+        self, entry: Entry, error: EmbedError, texts: list[str], fields: dict[str, Any], arrived: float
+    ) -> tuple[LoadedModel, Job]:
+        """Serve with the first of the entry's fallbacks that can and gives the same vector width; else ``error``."""
+        wanted = fields.get("dimensions")
+        for other_id in entry.manifest.fallback:
+            other = self.registry.entries.get(other_id)
+            if other is None or other.manifest is None or not other.manifest.enabled:
+                continue
+            if not _same_width(entry.manifest, other.manifest, wanted):
+                continue  # never across dimensions: the app's index holds vectors of one width
+            try:
+                return await self._counted(other, texts, fields, arrived)
+            except (ModelUnavailable, InsufficientMemory, Overloaded):
+                continue
+        raise error
+
+    async def _counted(self, entry: Entry, texts: list[str], fields: dict[str, Any], arrived: float) -> tuple[LoadedModel, Job]:
+        """``_run``, counted in the entry's statistics."""
+        try:
+            model, job = await self._run(entry, texts, fields, arrived)
+        except Exception as exc:
+            entry.stats.failed(exc.code if isinstance(exc, EmbedError) else InternalError.code)
+            raise
+        entry.stats.served(len(texts), Timing(job.started - job.queued, job.finished - job.started, time.monotonic() - arrived))
+        return model, job
 
     async def _run(self, entry: Entry, texts: list[str], fields: dict[str, Any], arrived: float) -> tuple[LoadedModel, Job]:
         """The model that served the request and its finished job."""
@@ -78,6 +129,7 @@ class Engine:
         entry.stats.took(loaded=entry.model is not None)
         model = await self.registry.acquire(entry.id, fields.get("keep_alive"))
         try:
+            _check_fingerprint(model, fields.get("expect_fingerprint"))
             if model.manifest is not serving:  # loaded, or swapped, meanwhile: the version that serves decides
                 job = self._job(model.manifest, texts, fields, arrived)
             model.submit(job)
@@ -130,9 +182,14 @@ class Engine:
         return {"model": self.registry.describe(entry.id)}, None
 
     def models(self, fields: dict[str, Any]) -> Outcome:
-        """The catalog: every manifest with its state."""
+        """The catalog: every manifest with its state; with ``constraints``, also the models that meet them, best
+        first (the first is what ``auto`` would choose now), and why each other one does not."""
         snapshot = self.registry.snapshot()
-        return {"models": snapshot.models, "default": snapshot.default}, None
+        reply = {"models": snapshot.models, "default": snapshot.default}
+        if fields.get("constraints") is not None:
+            fitting, rejected = routing.rank(self.registry.candidates(), routing.parse_constraints(fields["constraints"]))
+            reply["fits"] = {"fitting": [{"id": c.model, **c.describe()} for c in fitting], "rejected": rejected}
+        return reply, None
 
     def status(self, fields: dict[str, Any]) -> Outcome:
         """Daemon-wide figures: uptime, models by state, queues, memory and the budget."""
@@ -206,6 +263,24 @@ class Engine:
             deadline=arrived + timeout_ms / 1e3 if timeout_ms else float("inf"),
         )
 
+
+
+def _check_fingerprint(model: LoadedModel, expected: str | None) -> None:
+    """ModelChanged if the model serving is not the version the request's vectors must match."""
+    if expected is not None and model.fingerprint != expected:
+        raise ModelChanged(
+            f"model {model.manifest.id!r} now serves fingerprint {model.fingerprint}, not {expected}: its vectors "
+            "would not mix with those you have; re-embed your index with it, or drop expect_fingerprint",
+            expected_fingerprint=expected, fingerprint=model.fingerprint, model=model.manifest.id,
+        )  # fmt: skip
+
+
+def _same_width(requested: Manifest, fallback: Manifest, dimensions: int | None) -> bool:
+    """Whether the fallback gives vectors as wide as the requested model would: the same dimension, or the
+    dimensions asked for, which both support."""
+    if dimensions is None:
+        return fallback.dimension == requested.dimension
+    return all(dimensions in (m.dimension, *m.matryoshka_dimensions) for m in (requested, fallback))
 
 
 def _traffic(stats: dict[str, Any]) -> dict[str, Any]:

@@ -233,6 +233,8 @@ def _check_values(m: Manifest) -> None:
     where = f"{m.path}:"
     if not ID_PATTERN.match(m.id):
         raise ManifestError(f"{where} id {m.id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
+    if m.id == "auto":
+        raise ManifestError(f"{where} id 'auto' is reserved (model = \"auto\" asks the daemon to choose); rename it")
     if m.path.suffix == ".toml" and m.path.stem != m.id:
         raise ManifestError(f"{where} id {m.id!r} does not match the file name; name the file {m.id}.toml")
     if m.pooling not in POOLINGS:

@@ -29,6 +29,7 @@ from .loader import LoadedModel, load_model
 from .manifest import Manifest
 from .memory import MIB, MemoryMonitor, MemorySample, process_rss
 from .profile import Profile, measure, profile_key
+from .routing import Candidate
 from .settings import Settings
 from .state import ModelRecord, StateStore
 from .stats import ModelStats
@@ -233,6 +234,19 @@ class Registry:
             self.memory_sample().as_dict(), self.unaccounted, self.evictions,
         )  # fmt: skip
 
+    def candidates(self) -> list[Candidate]:
+        """Every entry as ``auto`` routing judges it (cheaper than ``snapshot``: no statistics)."""
+        return [self._candidate(entry) for entry in self.entries.values()]
+
+    def _candidate(self, entry: Entry) -> Candidate:
+        serving = entry.model.manifest if entry.model else entry.manifest
+        if serving is None:
+            return Candidate(entry.id, None, entry.state, "unverified", 0.0, None, error=entry.error)
+        memory = self.footprint(entry) if entry.model else self.estimate(entry.id, serving)[0]
+        verification = ("passed" if entry.model.selftest else "unverified") if entry.model else _verification(entry, serving)
+        return Candidate(entry.id, serving, entry.state, verification, round(memory / MIB, 1), self._profile(entry),
+                         entry.error, lambda: self._no_room(entry, serving))  # fmt: skip
+
     def describe(self, model_id: str) -> dict[str, Any]:
         """One catalog entry as the ``models`` reply lists it (a copy: changing it changes nothing here)."""
         return self._describe(self.entries[model_id])
@@ -329,6 +343,19 @@ class Registry:
 
     def _make_room(self, entry: Entry, manifest: Manifest) -> None:
         """Evict what a load of ``manifest`` needs gone, or raise InsufficientMemory."""
+        for model_id in self._evictions_for(entry, manifest):
+            self.evict(self.entries[model_id], f"least recently used, to make room for {entry.id}")
+
+    def _no_room(self, entry: Entry, manifest: Manifest) -> str | None:
+        """Why a load of ``manifest`` could not fit now, evictions included; None if it could."""
+        try:
+            self._evictions_for(entry, manifest)
+        except InsufficientMemory as exc:
+            return exc.message
+        return None
+
+    def _evictions_for(self, entry: Entry, manifest: Manifest) -> list[str]:
+        """What a load of ``manifest`` needs evicted, or InsufficientMemory."""
         memory = self.settings.memory
         sample = self.memory_sample()
         # Growth the charges do not explain still takes room under the cap.
@@ -336,8 +363,7 @@ class Registry:
         budget = cache.Budget(cap, memory.max_loaded_models, sample.available - memory.reserve_mb * MIB)
         residents = [r for r in self.residents() if r.id != entry.id or entry.model is not None]
         need = self.estimate(entry.id, manifest)[0]
-        for model_id in cache.evictions_to_fit(entry.id, need, residents, budget):
-            self.evict(self.entries[model_id], f"least recently used, to make room for {entry.id}")
+        return cache.evictions_to_fit(entry.id, need, residents, budget)
 
     def residents(self) -> list[cache.Resident]:
         """Loaded and loading models as the eviction policy sees them."""
