@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from akidb_embed_client import KEEP_ALIVE_FOREVER, Client, EmbedError, Embeddings, Unavailable
+from akidb_embed_client import AUTO_MODEL, KEEP_ALIVE_FOREVER, Client, EmbedError, Embeddings, Unavailable
 
 from . import top
 from .modeltable import GIB, MIB, ago, memory_cell, models_table, parts_cell, profiles_table, scalar, table
@@ -58,9 +58,23 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
         help="keep the model loaded S seconds after its last use (30, 5m, 2h; forever or negative: until unloaded)",
     )
 
-    embed = subparsers.add_parser("embed", parents=[connection, keeping], help="embed texts with the running daemon")
+    constraining = argparse.ArgumentParser(add_help=False)  # what model "auto" must meet (docs/protocol.md)
+    constraining.add_argument("--max-latency", metavar="MS", type=float, help="single-text p95 in ms, a cold load included")
+    constraining.add_argument("--languages", metavar="L,L", type=_languages, help="languages every one of which it covers")
+    constraining.add_argument("--max-memory", metavar="MB", type=float, help="the memory it may take")
+    constraining.add_argument("--task", choices=("query", "passage", "symmetric"), help="picks the model's prompt")
+    constraining.add_argument("--prefer", choices=("quality", "speed", "memory"), help="the order among models that fit")
+
+    embed = subparsers.add_parser(
+        "embed", parents=[connection, keeping, constraining], help="embed texts with the running daemon"
+    )
     embed.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed")
     embed.add_argument("--model", metavar="M", help="model id (default: the daemon's default model)")
+    embed.add_argument("--auto", action="store_true",
+                       help="let the daemon choose by --max-latency, --languages, --dimensions, --max-memory, --task")
+    embed.add_argument("--expect-fingerprint", metavar="F", help="fail (model_changed) if another model version serves")
+    embed.add_argument("--allow-fallback", action="store_true", default=None,
+                       help="let the model's fallback serve if it failed, is overloaded or does not fit")
     embed.add_argument("--prompt", metavar="P", help="prompt name from the manifest, or a literal prefix")
     embed.add_argument("--dimensions", metavar="N", type=int, help="truncate to N dimensions (Matryoshka models)")
     embed.add_argument(
@@ -72,8 +86,13 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     embed.set_defaults(func=embed_command)
 
-    models = subparsers.add_parser("models", parents=[connection], help="list the daemon's models and their state")
+    models = subparsers.add_parser(
+        "models", parents=[connection, constraining], help="list the daemon's models and their state"
+    )
     models.add_argument("--wide", action="store_true", help="every column: memory parts, live figures, the profile")
+    models.add_argument("--fits", action="store_true",
+                        help="only the models that meet the constraints, best first, and why the others do not")
+    models.add_argument("--dimensions", metavar="N", type=int, help="with --fits: the dimension they must give")
     models.set_defaults(func=models_command)
 
     bench = subparsers.add_parser(
@@ -129,23 +148,63 @@ def _show(
 @_exit_codes
 def embed_command(args: argparse.Namespace) -> int:
     """Embed the texts and print a table, plus a similarity matrix for two or more."""
+    if args.auto and args.model not in (None, AUTO_MODEL):
+        raise SystemExit("akidb-embed embed: --auto chooses the model: leave out --model")
     with _client(args) as client:
         vectors = client.embed(
-            args.texts, args.model, normalize=args.normalize, truncate=args.truncate, prompt=args.prompt,
-            dimensions=args.dimensions, keep_alive=args.keep_alive,
-        )
+            args.texts, AUTO_MODEL if args.auto else args.model, normalize=args.normalize, truncate=args.truncate,
+            prompt=args.prompt, dimensions=args.dimensions, keep_alive=args.keep_alive,
+            constraints=constraints_of(args) if args.auto else None, expect_fingerprint=args.expect_fingerprint,
+            allow_fallback=args.allow_fallback,
+        )  # fmt: skip
     if args.json:
         print(json.dumps(embeddings_json(args.texts, vectors), indent=2))
         return 0
     similarity = ["", "cosine similarity", similarity_table(vectors)] if len(args.texts) > 1 else []
-    print("\n".join([embeddings_table(args.texts, vectors), *similarity]))
+    print("\n".join([embeddings_table(args.texts, vectors), *choice_lines(vectors), *similarity]))
     return 0
+
+
+def constraints_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The constraints given on the command line, as the protocol names them."""
+    given = {
+        "max_latency_ms": args.max_latency, "languages": args.languages, "dimension": args.dimensions,
+        "max_memory_mb": args.max_memory, "task": args.task, "prefer": args.prefer,
+    }  # fmt: skip
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def choice_lines(vectors: Embeddings) -> list[str]:
+    """What the daemon chose for the request, if it chose: the auto model, a fallback."""
+    lines = []
+    if vectors.auto is not None:
+        auto = vectors.auto
+        lines.append(f"auto: {vectors.model} (fingerprint {vectors.fingerprint}), judged on its {auto['judged_on']}"
+                     + (f", prompt {auto['prompt']}" if auto.get("prompt") else ""))  # fmt: skip
+    if vectors.fallback is not None:
+        fallback = vectors.fallback
+        lines.append(f"fallback: {vectors.model} served for {fallback['requested']} ({fallback['reason']}: "
+                     f"{fallback['message']})")  # fmt: skip
+    return lines
 
 
 @_exit_codes
 def models_command(args: argparse.Namespace) -> int:
-    """Print every model in the catalog with its state."""
+    """Print every model in the catalog with its state; with --fits, those that meet the constraints."""
+    if args.fits:
+        return _show(args, lambda client: client.fits(constraints_of(args)), fits_table)
     return _show(args, Client.models, functools.partial(models_table, wide=args.wide))
+
+
+def fits_table(fits: dict[str, Any]) -> str:
+    """The models that fit, best first, then the others with the constraint each failed."""
+    fitting = [[str(i + 1), c["id"], c["judged_on"], c["prompt"] or "", str(c["dimensions"] or "")]
+               for i, c in enumerate(fits["fitting"])]  # fmt: skip
+    rejected = [[r["id"], r["reason"]] for r in fits["rejected"]]
+    return "\n".join([
+        table(["#", "fits", "judged on", "prompt", "dimensions"], fitting) if fitting else "no model fits",
+        *(["", table(["does not fit", "why"], rejected)] if rejected else []),
+    ])  # fmt: skip
 
 
 @_exit_codes
@@ -236,6 +295,14 @@ def status_value(key: str, value: Any) -> str:
 def human_bytes(count: float) -> str:
     """Bytes as GiB from 1 GiB up, else MiB."""
     return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / MIB:.0f} MiB"
+
+
+def _languages(text: str) -> list[str]:
+    """``de,en`` as a list."""
+    languages = [language.strip() for language in text.split(",") if language.strip()]
+    if not languages:
+        raise argparse.ArgumentTypeError("give language codes separated by commas, e.g. de,en")
+    return languages
 
 
 def seconds(text: str) -> float:

@@ -86,7 +86,8 @@ def parse_constraints(raw: dict[str, Any]) -> Constraints:
         if types is None:
             raise BadRequest(f"constraints has no key {key!r}; known keys: {', '.join(CONSTRAINT_TYPES)}")
         if isinstance(value, bool) or not isinstance(value, types):
-            raise BadRequest(f"constraints.{key} must be a {types[0].__name__}, not {type(value).__name__}")
+            kind = "number" if types is _NUMBER else types[0].__name__
+            raise BadRequest(f"constraints.{key} must be a {kind}, not {type(value).__name__}")
     for key in ("max_latency_ms", "max_memory_mb", "dimension"):
         if key in raw and not (raw[key] > 0 and math.isfinite(raw[key])):
             raise BadRequest(f"constraints.{key} must be positive, not {raw[key]}")
