@@ -91,17 +91,19 @@ def test_shipped_example_manifest_loads_disabled(path: Path) -> None:
 def test_shipped_config_is_all_comments_and_equals_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(SOCKET_ENV, raising=False)
     code = [line for line in SHIPPED_CONFIG.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    assert code == ["[limits]", "[memory]", "[metrics]"]
+    assert code == ["[limits]", "[memory]", "[metrics]", "[circuit]"]
     assert load_settings(SHIPPED_CONFIG) == Settings()
 
 
 def test_shipped_config_shows_the_default_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Uncommenting every `#key = value` line gives the defaults; default_model is an example, not a default."""
+    """Uncommenting every `#key = value` line gives the defaults; default_model is an example, not a default, and
+    events_socket spells out the path the default derives from the socket."""
     monkeypatch.delenv(SOCKET_ENV, raising=False)
     text = re.sub(r"(?m)^#(\w+ = )", r"\1", SHIPPED_CONFIG.read_text())
     uncommented = tmp_path / "akidb-embed.toml"
     uncommented.write_text(text)
-    assert load_settings(uncommented) == replace(Settings(), default_model="all-minilm-l6-v2")
+    settings = load_settings(uncommented)
+    assert settings == replace(Settings(), default_model="all-minilm-l6-v2", events_socket=Settings().events_path)
 
 
 # --- a valid manifest ----------------------------------------------------------------------------
