@@ -15,7 +15,8 @@ from .errors import (
     UnknownModel,
     UnsupportedVersion,
 )
-from .protocol import KEEP_ALIVE_FOREVER
+from .events import EventStream
+from .protocol import KEEP_ALIVE_FOREVER, Event
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,8 @@ __all__ = [
     "Client",
     "EmbedError",
     "Embeddings",
+    "Event",
+    "EventStream",
     "InputTooLong",
     "InsufficientMemory",
     "InternalError",
