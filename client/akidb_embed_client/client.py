@@ -210,8 +210,8 @@ class Client:
     ) -> EventStream:
         """Iterate over the daemon's lifecycle events (docs/protocol.md), connected once this returns.
 
-        ``models`` keeps only those models' events; ``timeout`` ends the iteration after that many
-        seconds without one (None: never). After a daemon restart the stream goes on by itself,
+        ``models`` keeps only those models' events; ``timeout`` stops an iteration after that many
+        seconds without one (None: never; see ``EventStream``). After a daemon restart the stream goes on by itself,
         and the new daemon's first event seen has ``restarted`` set. ``events_socket`` overrides the
         path beside the request socket. Events before the call are not seen: read ``models()`` after it.
         """

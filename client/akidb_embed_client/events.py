@@ -79,8 +79,9 @@ class EventReader:
 class EventStream(Iterator[Event]):
     """The blocking iterator ``Client.events()`` returns; connected (if the daemon is up) once built.
 
-    Iteration ends after ``timeout`` seconds without a wanted event (None: never), and the socket closes.
-    Use it as a context manager, or ``close()`` it, to stop early.
+    An iteration stops after ``timeout`` seconds without a wanted event (None: never), but the stream stays
+    subscribed: iterating again goes on from there, as a file does after more is written (``timeout=0``
+    takes what has come). ``close()`` it, or use it as a context manager, to unsubscribe.
     """
 
     def __init__(self, path: str, models: Collection[str] | None, timeout: float | None) -> None:
@@ -97,7 +98,6 @@ class EventStream(Iterator[Event]):
             event = self._reader.read(self._socket.recv_multipart())
             if event is not None:
                 return event
-        self.close()
         raise StopIteration
 
     def close(self) -> None:
