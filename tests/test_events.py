@@ -16,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from akidb_embed.eventlog import event_line
 from akidb_embed.memory import MemoryMonitor
 from akidb_embed_client import Client, Event, EventStream, ModelUnavailable
 from akidb_embed_client.aio import AsyncClient
-from akidb_embed_client.protocol import events_socket_path
+from akidb_embed_client.events import EventReader
+from akidb_embed_client.protocol import encode_event, events_socket_path
 from daemon_process import REPO, Daemon, run_daemon
 from test_hot_catalog import other_encoder, place  # noqa: F401 - other_encoder is a fixture
 
@@ -46,6 +48,26 @@ def own_copy(model_dir: Path, into: Path) -> Path:
     """A model folder of the test's own, whose files it may replace."""
     shutil.copytree(model_dir, into)
     return into
+
+
+def test_the_reader_marks_lost_events_and_a_new_daemon_and_filters_by_model() -> None:
+    """Frames as two daemons publish them (the second started at time 20), read by a subscriber of model a."""
+    reader = EventReader(models=["a"])
+    frames = [
+        encode_event("model", "loaded", 1, 10.0, 11.0, {"model": "a", "fingerprint": "f1"}),
+        encode_event("model", "loaded", 2, 10.0, 12.0, {"model": "b", "fingerprint": "f2"}),  # not a's
+        encode_event("memory", "pressure_high", 5, 10.0, 13.0, {"pressure": 0.95}),  # 3 and 4 lost
+        encode_event("model", "unloaded", 6, 10.0, 14.0, {"model": "a", "fingerprint": "f1", "reason": "on request"}),
+        encode_event("model", "loaded", 3, 20.0, 21.0, {"model": "a", "fingerprint": "f1"}),  # the new daemon's third
+    ]
+    read = [reader.read(f) for f in frames]
+    assert read[1] is None and read[2] is None
+    first, unloaded, again = read[0], read[3], read[4]
+    assert (first.restarted, first.missed) == (False, 0)
+    assert (unloaded.restarted, unloaded.missed) == (False, 2)  # lost before the memory event a's filter left out
+    assert again.restarted and again.missed == 2 and again.started == 20.0
+    assert event_line(unloaded).split()[2:] == ["unloaded", "a", "fingerprint=f1", "reason=on", "request", "[2", "missed]"]
+    assert event_line(again).endswith("fingerprint=f1 [daemon restarted] [2 missed]")
 
 
 def test_a_subscriber_sees_a_load_a_hot_swap_and_an_eviction_in_order(
@@ -77,7 +99,9 @@ def test_a_subscriber_sees_a_load_a_hot_swap_and_an_eviction_in_order(
     assert all(e.kind == "model" and not e.restarted and not e.missed for e in seen)
 
 
-def test_a_dropped_in_manifest_is_discovered_and_its_deletion_removed(daemon: Daemon, tiny_models: dict[str, Path]) -> None:
+def test_a_dropped_in_manifest_is_discovered_and_its_deletion_removed(
+    daemon: Daemon, tiny_models: dict[str, Path]
+) -> None:
     with daemon.client() as client, client.events(models=["dropped"], timeout=POLL) as stream:
         place(daemon.catalog, "dropped", tiny_models["encoder"])
         (discovered,) = wait_event(stream, named("discovered"))
@@ -152,7 +176,8 @@ def test_high_memory_pressure_is_published(catalog: Path) -> None:
             (high,) = wait_event(stream, named("pressure_high"))
     assert high.kind == "memory" and high.model is None
     assert high.fields["pressure"] > memory["high_watermark"] and "meminfo" in high.fields["source"]
-    assert (high.fields["high_watermark"], high.fields["low_watermark"]) == (memory["high_watermark"], memory["low_watermark"])
+    assert high.fields["high_watermark"] == memory["high_watermark"]
+    assert high.fields["low_watermark"] == memory["low_watermark"]
 
 
 def read_line(stream, deadline: float) -> str:

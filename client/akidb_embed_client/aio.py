@@ -94,8 +94,10 @@ class AsyncClient:
         timeout: float | None = None,
         events_socket: str | os.PathLike[str] | None = None,
     ) -> AsyncIterator[Event]:
-        """The daemon's lifecycle events as an async iterator, subscribed when the iteration starts. See ``Client.events``;
-        here ``timeout`` ends the iterator (its socket closes)."""
+        """The daemon's lifecycle events as an async iterator, subscribed when the iteration starts.
+
+        See ``Client.events``; here ``timeout`` ends the iterator (its socket closes).
+        """
         socket, monitor = subscriber(zmq.asyncio.Context.instance(), events_path(self.socket_path, events_socket))
         reader = EventReader(models)
         try:

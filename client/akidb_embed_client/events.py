@@ -7,6 +7,7 @@ applies after decoding. ZeroMQ reconnects it by itself when the daemon restarts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -61,6 +62,8 @@ class EventReader:
     def __init__(self, models: Collection[str] | None) -> None:
         self.models = None if models is None else frozenset(models)
         self._last: Event | None = None
+        # Told on the next event kept: a restart or a loss seen on one the filter left out still counts.
+        self._restarted, self._missed = False, 0
 
     def read(self, frames: list[bytes]) -> Event | None:
         """The event in ``frames``, or None when the filter leaves it out."""
@@ -68,15 +71,17 @@ class EventReader:
         last, self._last = self._last, event
         if last is not None and event.started != last.started:
             # The new daemon's events before this one came while the socket reconnected.
-            event = dataclasses.replace(event, restarted=True, missed=event.seq - 1)
-        elif last is not None and event.seq > last.seq + 1:
-            event = dataclasses.replace(event, missed=event.seq - last.seq - 1)
+            self._restarted, self._missed = True, self._missed + event.seq - 1
+        elif last is not None:
+            self._missed += max(0, event.seq - last.seq - 1)
         if self.models is not None and event.model not in self.models:
             return None
+        event = dataclasses.replace(event, restarted=self._restarted, missed=self._missed)
+        self._restarted, self._missed = False, 0
         return event
 
 
-class EventStream(Iterator[Event]):
+class EventStream(Iterator[Event], contextlib.AbstractContextManager):
     """The blocking iterator ``Client.events()`` returns; connected (if the daemon is up) once built.
 
     An iteration stops after ``timeout`` seconds without a wanted event (None: never), but the stream stays
@@ -101,12 +106,10 @@ class EventStream(Iterator[Event]):
         raise StopIteration
 
     def close(self) -> None:
+        """Unsubscribe; iterating again stops at once."""
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
-
-    def __enter__(self) -> EventStream:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -181,7 +181,7 @@ def decode_reply(frames: list[bytes]) -> Reply:
 
 
 def events_socket_path(socket: str | os.PathLike[str]) -> Path:
-    """The events socket beside a request socket: ``<stem>.events.sock`` in its folder (daemon and client agree here)."""
+    """The events socket beside a request socket: ``<stem>.events.sock`` in its folder (daemon and client use this)."""
     path = Path(socket)
     return path.with_name(f"{path.stem}.events.sock")
 
@@ -190,8 +190,8 @@ def events_socket_path(socket: str | os.PathLike[str]) -> Path:
 class Event:
     """One lifecycle event; ``fields`` holds what the event adds beyond the common keys (docs/protocol.md).
 
-    ``restarted`` and ``missed`` are the subscriber's reading of the stream, not on the wire: a new daemon
-    (``started`` changed) since the previous event, and how many events were lost just before this one.
+    ``restarted`` and ``missed`` are the subscriber's reading of the stream, not on the wire: since the previous
+    event it kept, a new daemon (``started`` changed), and how many events (of any model) were lost.
     """
 
     kind: str  # "model" or "memory"
@@ -221,7 +221,7 @@ def decode_event(frames: list[bytes]) -> Event:
         body = msgpack.unpackb(frames[1], raw=False)
         version, common = body.get("v"), (body["event"], body["seq"], body["time"], body["started"])
     except Exception as exc:  # msgpack, a missing key, too few frames: the publisher is not an akidb-embed daemon
-        raise InternalError(f"an event that does not decode ({exc!r}); is the events socket an akidb-embed daemon's?") from None
+        raise InternalError(f"an event that does not decode ({exc!r}); is this an akidb-embed events socket?") from None
     if version != VERSION:
         raise UnsupportedVersion(f"event protocol version {version!r}; this client speaks v{VERSION}")
     return Event(kind, *common, body.get("model"), {k: v for k, v in body.items() if k not in _EVENT_KEYS})

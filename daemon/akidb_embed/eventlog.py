@@ -21,7 +21,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--socket", metavar="PATH", help="daemon socket (default: $AKIDB_EMBED_SOCKET or /run/akidb-embed/embed.sock)"
     )
-    parser.add_argument("--events-socket", metavar="PATH", help="events socket (default: <socket stem>.events.sock beside it)")
+    parser.add_argument(
+        "--events-socket", metavar="PATH", help="events socket (default: <socket stem>.events.sock beside the socket)"
+    )
     parser.add_argument("--model", metavar="M", action="append", help="only this model's events (repeat for more)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.set_defaults(func=events_command)
