@@ -17,7 +17,8 @@ from .errors import (
     UnknownModel,
     UnsupportedVersion,
 )
-from .protocol import AUTO_MODEL, KEEP_ALIVE_FOREVER
+from .events import EventStream
+from .protocol import AUTO_MODEL, KEEP_ALIVE_FOREVER, Event
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = [
     "Client",
     "EmbedError",
     "Embeddings",
+    "Event",
+    "EventStream",
     "InputTooLong",
     "InsufficientMemory",
     "InternalError",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
 
 import zmq
@@ -17,7 +17,8 @@ import zmq.asyncio
 
 from .client import Embeddings, embed_fields, model_of, reply_id, request_ids, resolve_socket, unavailable
 from .errors import Unavailable
-from .protocol import Reply, decode_reply, encode_request
+from .events import CONNECT_WAIT_MS, EventReader, deadline_after, events_path, stop_monitor, subscriber, wait_ms
+from .protocol import Event, Reply, decode_reply, encode_request
 
 
 class AsyncClient:
@@ -96,6 +97,31 @@ class AsyncClient:
     async def ping(self) -> dict[str, Any]:
         """A cheap round trip to check that the daemon answers."""
         return (await self._call("ping")).result
+
+    async def events(
+        self,
+        models: Collection[str] | None = None,
+        timeout: float | None = None,
+        events_socket: str | os.PathLike[str] | None = None,
+    ) -> AsyncIterator[Event]:
+        """The daemon's lifecycle events as an async iterator, subscribed when the iteration starts.
+
+        See ``Client.events``; here ``timeout`` ends the iterator (its socket closes).
+        """
+        socket, monitor = subscriber(zmq.asyncio.Context.instance(), events_path(self.socket_path, events_socket))
+        reader = EventReader(models)
+        try:
+            await monitor.poll(CONNECT_WAIT_MS)
+            stop_monitor(socket, monitor)
+            deadline = deadline_after(timeout)
+            while await socket.poll(wait_ms(deadline)):
+                event = reader.read(await socket.recv_multipart())
+                if event is not None:
+                    yield event
+                    deadline = deadline_after(timeout)
+        finally:
+            monitor.close(linger=0)  # not yet closed if cancelled while connecting
+            socket.close(linger=0)
 
     async def close(self) -> None:
         """Stop the reader, close the socket and fail the calls still waiting."""

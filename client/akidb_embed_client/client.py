@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -16,6 +16,7 @@ import numpy as np
 import zmq
 
 from .errors import InternalError, Unavailable
+from .events import EventStream, events_path
 from .protocol import AUTO_MODEL, Reply, decode_reply, encode_request
 
 DEFAULT_SOCKET = "/run/akidb-embed/embed.sock"
@@ -228,6 +229,21 @@ class Client:
     def ping(self) -> dict[str, Any]:
         """A cheap round trip to check that the daemon answers."""
         return self._call("ping").result
+
+    def events(
+        self,
+        models: Collection[str] | None = None,
+        timeout: float | None = None,
+        events_socket: str | os.PathLike[str] | None = None,
+    ) -> EventStream:
+        """Iterate over the daemon's lifecycle events (docs/protocol.md), connected once this returns.
+
+        ``models`` keeps only those models' events; ``timeout`` stops an iteration after that many
+        seconds without one (None: never; see ``EventStream``). After a daemon restart the stream goes on by itself,
+        and the new daemon's first event seen has ``restarted`` set. ``events_socket`` overrides the
+        path beside the request socket. Events before the call are not seen: read ``models()`` after it.
+        """
+        return EventStream(events_path(self.socket_path, events_socket), models, timeout)
 
     def close(self) -> None:
         """Close the socket; queued requests are dropped."""

@@ -4,18 +4,21 @@ A request is one msgpack frame: a map with the protocol version ``v``, a request
 (str or int, echoed back), an ``op`` and that op's fields. A reply is a msgpack header
 frame (``v``, ``id``, ``ok``, then the result or ``code``/``message``); an ``embed`` reply
 adds a second frame holding the vectors as raw little-endian float32, row-major, of the
-header's ``shape``. docs/protocol.md describes every field.
+header's ``shape``. Lifecycle events come on a second socket (``events_socket_path``) as two
+frames: a topic and a msgpack map. docs/protocol.md describes every field.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from .errors import BadRequest, EmbedError, UnsupportedVersion, error_for
+from .errors import BadRequest, EmbedError, InternalError, UnsupportedVersion, error_for
 
 VERSION = 1
 VECTOR_DTYPE = np.dtype("<f4")
@@ -175,3 +178,50 @@ def decode_reply(frames: list[bytes]) -> Reply:
         return Reply(header.get("id"), result)
     vectors = np.frombuffer(frames[1], dtype=VECTOR_DTYPE).reshape(header["shape"])
     return Reply(header.get("id"), result, vectors)
+
+
+def events_socket_path(socket: str | os.PathLike[str]) -> Path:
+    """The events socket beside a request socket: ``<stem>.events.sock`` in its folder (daemon and client use this)."""
+    path = Path(socket)
+    return path.with_name(f"{path.stem}.events.sock")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One lifecycle event; ``fields`` holds what the event adds beyond the common keys (docs/protocol.md).
+
+    ``restarted`` and ``missed`` are the subscriber's reading of the stream, not on the wire: since the previous
+    event it kept, a new daemon (``started`` changed), and how many events (of any model) were lost.
+    """
+
+    kind: str  # "model" or "memory"
+    event: str  # e.g. "loaded", "swapped", "pressure_high"
+    seq: int  # 1 for a daemon's first event, then one more per event
+    time: float  # Unix seconds
+    started: float  # when the publishing daemon started, Unix seconds: it names the daemon
+    model: str | None  # the model id of a model event
+    fields: dict[str, Any]
+    restarted: bool = False
+    missed: int = 0
+
+
+_EVENT_KEYS = ("v", "seq", "time", "started", "event", "model")
+
+
+def encode_event(kind: str, event: str, seq: int, started: float, when: float, fields: dict[str, Any]) -> list[bytes]:
+    """The frames of one event: the topic ``<kind>.<event>`` (subscribers filter by prefix), then the map."""
+    body = {"v": VERSION, "seq": seq, "time": when, "started": started, "event": event, **fields}
+    return [f"{kind}.{event}".encode(), msgpack.packb(body, use_bin_type=True)]
+
+
+def decode_event(frames: list[bytes]) -> Event:
+    """Unpack an event; raises InternalError for frames that are not one, UnsupportedVersion for another ``v``."""
+    try:
+        kind = frames[0].decode().partition(".")[0]
+        body = msgpack.unpackb(frames[1], raw=False)
+        version, common = body.get("v"), (body["event"], body["seq"], body["time"], body["started"])
+    except Exception as exc:  # msgpack, a missing key, too few frames: the publisher is not an akidb-embed daemon
+        raise InternalError(f"an event that does not decode ({exc!r}); is this an akidb-embed events socket?") from None
+    if version != VERSION:
+        raise UnsupportedVersion(f"event protocol version {version!r}; this client speaks v{VERSION}")
+    return Event(kind, *common, body.get("model"), {k: v for k, v in body.items() if k not in _EVENT_KEYS})

@@ -1,4 +1,4 @@
-"""Command-line front-ends to the client: embed, models, status, and load, unload, pin, unpin.
+"""Command-line front-ends to the client: embed, models, status, load, unload, pin, unpin, and events.
 
 These talk to a running daemon through akidb_embed_client only, so they work from any
 machine user that can open the socket.
@@ -19,7 +19,7 @@ import numpy as np
 
 from akidb_embed_client import AUTO_MODEL, KEEP_ALIVE_FOREVER, Client, EmbedError, Embeddings, Unavailable
 
-from . import top
+from . import eventlog, top
 from .modeltable import GIB, MIB, ago, memory_cell, models_table, parts_cell, profiles_table, scalar, table
 
 TEXT_WIDTH = 40
@@ -110,6 +110,8 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     top.add_argument("--interval", metavar="S", type=float, default=1.0, help="seconds between refreshes (default 1)")
     top.add_argument("--once", action="store_true", help="print one frame as text and exit")
     top.set_defaults(func=top_command)
+
+    eventlog.add_parser(subparsers)
 
     for op, text in MODEL_OPS.items():
         command = subparsers.add_parser(op, parents=[connection, keeping] if op == "load" else [connection], help=text)

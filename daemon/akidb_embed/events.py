@@ -2,8 +2,9 @@
 
 Each event is two frames: the topic (``model.<event>`` or ``memory.<event>``, so a subscriber
 can filter by prefix) and a msgpack map with ``v``, a ``seq`` that rises by one per event (a gap
-means the subscriber missed some), ``time`` (Unix seconds), ``event`` and its fields, ``model``
-first for model events. docs/protocol.md lists every event. Published from the event-loop thread
+means the subscriber missed some), ``time`` (Unix seconds), ``started`` (this daemon's start: a
+new value means a restarted daemon, whose seq begins at 1 again), ``event`` and its fields,
+``model`` first for model events; ``protocol.encode_event`` packs them. docs/protocol.md lists every event. Published from the event-loop thread
 only; a PUB socket never blocks: a subscriber too slow to read loses events past its high-water
 mark, never the daemon's time.
 """
@@ -16,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import zmq
-from akidb_embed_client.protocol import VERSION
+from akidb_embed_client.protocol import encode_event
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class EventPublisher:
         self.socket: zmq.Socket | None = None
         self.path: Path | None = None
         self.seq = 0
+        self.started = time.time()
 
     def bind(self, path: Path, context: zmq.Context) -> None:
         """Bind ``ipc://path`` with mode 0660, replacing a stale socket file (the request socket's claim went first)."""
@@ -65,9 +66,9 @@ class EventPublisher:
         self.seq += 1
         if self.socket is None:
             return
-        body = {"v": VERSION, "seq": self.seq, "time": time.time(), "event": event, **fields}
+        frames = encode_event(kind, event, self.seq, self.started, time.time(), fields)
         try:
-            self.socket.send_multipart([f"{kind}.{event}".encode(), msgpack.packb(body, use_bin_type=True)], zmq.NOBLOCK)
+            self.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # an event lost is logged; serving goes on
             log.warning("event %s.%s not published: %s", kind, event, exc)
 

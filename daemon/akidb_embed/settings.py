@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from akidb_embed_client.protocol import events_socket_path
+
 from .manifest import PROVIDERS
 from .tomlcompat import tomllib
 
@@ -142,7 +144,7 @@ class Settings:
     @property
     def events_path(self) -> Path:
         """The events socket: configured, else ``<socket stem>.events.sock`` in the request socket's folder."""
-        return self.events_socket or self.socket.with_name(f"{self.socket.stem}.events.sock")
+        return self.events_socket or events_socket_path(self.socket)
 
     @property
     def metrics_textfile(self) -> Path | None:
