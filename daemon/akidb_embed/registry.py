@@ -13,6 +13,7 @@ Everything here runs on the event-loop thread; loads and unloads run on the load
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, Unkn
 
 from . import cache, selftest
 from .catalog import Catalog, Entry
+from .circuit import Circuit
 from .events import EventPublisher
 from .footprint import Footprint
 from .loader import LoadedModel, load_model
@@ -70,6 +72,7 @@ class Registry:
         log.info("catalog %s: %s; default model %s", self.settings.catalog, self.catalog.summary(), self.default_id())
 
     def added(self, entry: Entry) -> None:
+        entry.circuit = Circuit(entry.id, self.settings.circuit, functools.partial(self.events.model, model_id=entry.id))
         self.events.model("discovered", entry.id, state=entry.state, error=entry.error)
         entry.pinned = (entry.manifest is not None and entry.manifest.pinned) or self.store.recorded(entry.id).pinned
         if not entry.error and entry.pinned and entry.manifest.enabled:
@@ -81,6 +84,7 @@ class Registry:
 
     def changed(self, entry: Entry) -> None:
         entry.pinned = entry.manifest.pinned or self.store.recorded(entry.id).pinned
+        entry.circuit.reset("a new version")
         if not entry.manifest.enabled:
             self.unload(entry, "disabled in its manifest")
         elif entry.model is not None and entry.loading is None:
@@ -125,11 +129,11 @@ class Registry:
             self.unload(entry, "keep_alive 0")
 
     async def load(self, entry: Entry) -> None:
-        """Load the entry's newest version unless it is loaded; every caller shares one load."""
-        if entry.error:
-            raise ModelUnavailable(f"model {entry.id!r} failed to load: {entry.error}")
+        """Load the entry's newest version unless it is loaded; every caller shares one load, which an open circuit
+        refuses (past its backoff, one caller's load is the trial)."""
         if entry.loading is None and entry.model is not None:
             return
+        entry.circuit.admit()
         if entry.loading is None:
             self._start_load(entry)
         await asyncio.shield(entry.loading)
@@ -242,7 +246,8 @@ class Registry:
         info = serving.describe() if serving else {"id": entry.id}
         estimate, source = self.estimate(entry.id, serving) if serving else (0, "unknown")
         info.update(
-            state=entry.state, error=entry.error, update_error=entry.update_error, path=str(entry.path),
+            state=entry.state, error=entry.error, update_error=entry.update_error, circuit=entry.circuit.describe(),
+            path=str(entry.path),
             default=entry.id == self.default_id(),
             pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
             keep_alive=default_keep_alive(serving, self.settings) if serving else None,
@@ -291,15 +296,16 @@ class Registry:
         except Exception as exc:
             if entry.manifest is not manifest:
                 return await self._load_newest(entry)
-            self._fail(entry, f"{exc}; fix it and rescan (SIGHUP / systemctl reload akidb-embed)")
-            raise ModelUnavailable(f"model {entry.id!r} failed to load: {exc}") from None
+            self._fail(entry, exc)
+            raise ModelUnavailable(f"model {entry.id!r} failed to load: {exc}", retry_after_ms=entry.circuit.retry_after_ms()) from None
         if self.entries.get(entry.id) is not entry or entry.manifest is not manifest:
             self._close(model)  # removed or changed again while it loaded
             if self.entries.get(entry.id) is not entry:
                 raise ModelUnavailable(f"model {entry.id!r} was removed while loading")
             return await self._load_newest(entry)
         old, entry.model = entry.model, model
-        entry.update_error = None  # what kept an earlier version from serving is over
+        entry.error = entry.update_error = None  # what kept it, or a newer version, from serving is over
+        entry.circuit.succeeded()
         if old is not None:
             log.info("model %s: swapped to fingerprint %s", entry.id, model.fingerprint)
             entry.stats.swaps += 1
@@ -358,13 +364,15 @@ class Registry:
         """Bytes a loaded model is charged (its own measurement, or a remembered larger one)."""
         return max(entry.model.charge, self.store.recorded(entry.id).footprint)
 
-    def _fail(self, entry: Entry, message: str) -> None:
+    def _fail(self, entry: Entry, exc: Exception) -> None:
+        message = f"{exc}; fix it and replace the files (a new version is tried at once)"
         log.error("model %s: load failed: %s", entry.id, message)
         self.events.model("failed", entry.id, error=message, serving=entry.model is not None)
         if entry.model is not None:
             entry.update_error = message  # the old version keeps serving
         else:
             entry.error = message
+            entry.circuit.failed(f"its load failed: {exc}", at_once=True)
 
     def _unload(self, entry: Entry) -> asyncio.Future | None:
         model, entry.model = entry.model, None
@@ -402,6 +410,7 @@ class Registry:
 def _finish_load(entry: Entry, task: asyncio.Task) -> None:
     if entry.loading is task:
         entry.loading = None
+    entry.circuit.abandoned()  # a trial load that ended without a verdict (no room, removed, cancelled)
     if not task.cancelled():
         task.exception()  # retrieved here: a background swap may have no one awaiting it
 
