@@ -30,14 +30,10 @@ TRIAL_RETRY_MS = 1000
 Publish = Callable[..., None]  # publish(event, **fields): the model's lifecycle events
 
 
-def _unheard(event: str, **fields: Any) -> None:
-    """Events of a circuit nobody listens to (unit tests)."""
-
-
 class Circuit:
     """One model's breaker: closed, open (until its backoff passes) or half-open (one trial running)."""
 
-    def __init__(self, name: str, settings: CircuitSettings, publish: Publish = _unheard,
+    def __init__(self, name: str, settings: CircuitSettings, publish: Publish,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.name = name
         self.settings = settings

@@ -4,9 +4,9 @@
 each change: a new pinned manifest loads; a changed manifest or model file loads the new version
 in the background while the old one serves, then swaps; a removed manifest retires its model
 once its requests finish. ``acquire`` hands out reference-counted models, loading on first use
-(one load however many ask), after evicting least recently used idle models until the new one
-fits the budget. ``snapshot`` and ``describe`` copy what ``status`` and ``models`` report, so
-no other module reads the registry's fields.
+(one load however many ask, unless the entry's circuit is open: ``circuit.py``), after evicting
+least recently used idle models until the new one fits the budget. ``snapshot`` and ``describe``
+copy what ``status`` and ``models`` report, so no other module reads the registry's fields.
 Everything here runs on the event-loop thread; loads and unloads run on the loader thread.
 """
 
@@ -72,7 +72,8 @@ class Registry:
         log.info("catalog %s: %s; default model %s", self.settings.catalog, self.catalog.summary(), self.default_id())
 
     def added(self, entry: Entry) -> None:
-        entry.circuit = Circuit(entry.id, self.settings.circuit, functools.partial(self.events.model, model_id=entry.id))
+        publish = functools.partial(self.events.model, model_id=entry.id)
+        entry.circuit = Circuit(entry.id, self.settings.circuit, publish)
         self.events.model("discovered", entry.id, state=entry.state, error=entry.error)
         entry.pinned = (entry.manifest is not None and entry.manifest.pinned) or self.store.recorded(entry.id).pinned
         if not entry.error and entry.pinned and entry.manifest.enabled:
@@ -246,14 +247,13 @@ class Registry:
         info = serving.describe() if serving else {"id": entry.id}
         estimate, source = self.estimate(entry.id, serving) if serving else (0, "unknown")
         info.update(
-            state=entry.state, error=entry.error, update_error=entry.update_error, circuit=entry.circuit.describe(),
-            path=str(entry.path),
+            state=entry.state, error=entry.error, update_error=entry.update_error, path=str(entry.path),
             default=entry.id == self.default_id(),
             pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
             keep_alive=default_keep_alive(serving, self.settings) if serving else None,
             last_used=self.store.recorded(entry.id).last_used or None, stats=entry.stats.describe(),
             verification=_verification(entry, serving), selftest=None,
-            profile=self._profile(entry),
+            profile=self._profile(entry), circuit=entry.circuit.describe(),
         )  # fmt: skip
         model = entry.model
         if model is not None:
@@ -297,7 +297,8 @@ class Registry:
             if entry.manifest is not manifest:
                 return await self._load_newest(entry)
             self._fail(entry, exc)
-            raise ModelUnavailable(f"model {entry.id!r} failed to load: {exc}", retry_after_ms=entry.circuit.retry_after_ms()) from None
+            raise ModelUnavailable(f"model {entry.id!r} failed to load: {exc}",
+                                   retry_after_ms=entry.circuit.retry_after_ms()) from None  # nil: the old one serves
         if self.entries.get(entry.id) is not entry or entry.manifest is not manifest:
             self._close(model)  # removed or changed again while it loaded
             if self.entries.get(entry.id) is not entry:
