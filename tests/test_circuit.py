@@ -8,15 +8,19 @@ Gather out of bounds for one word), so that inference fails for texts with that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import onnx
 import pytest
 import tinymodels
+import zmq
 from akidb_embed_client import errors
 from daemon_process import Daemon, run_daemon, wait_for
 from onnx import helper, numpy_helper
@@ -195,6 +199,27 @@ def _poisoned_encoder(model_dir: Path, out: Path) -> None:
     onnx.save(model, str(out / tinymodels.MODEL_FILE))
 
 
+@contextlib.contextmanager
+def _subscribed(daemon: Daemon) -> Iterator[zmq.Socket]:
+    """A SUB socket on the daemon's lifecycle events (beside its request socket), connected before it yields."""
+    socket = zmq.Context.instance().socket(zmq.SUB)
+    socket.setsockopt(zmq.SUBSCRIBE, b"model.circuit_")
+    socket.connect(f"ipc://{daemon.socket.with_name('embed.events.sock')}")
+    time.sleep(0.2)  # a subscription takes a moment to reach the publisher
+    try:
+        yield socket
+    finally:
+        socket.close(linger=0)
+
+
+def _circuit_events(socket: zmq.Socket) -> list[dict]:
+    """The circuit events published so far, in order."""
+    events = []
+    while socket.poll(200):
+        events.append(msgpack.unpackb(socket.recv_multipart()[1], raw=False))
+    return events
+
+
 def _replace(target: Path, source: Path) -> None:
     """Drop a file in the documented way: copy beside it, then rename over it."""
     part = target.with_name(f".{target.name}.part")
@@ -213,7 +238,7 @@ def test_a_model_that_fails_to_load_backs_off_then_serves_once_fixed(
     (broken / tinymodels.MODEL_FILE).write_bytes(b"\x08\x07 this is not a protobuf" * 10)
     catalog = tmp_path / "models.d"
     tinymodels.write_manifest(catalog, "broken", broken, **FIELDS)
-    with run_daemon(catalog, circuit=CIRCUIT) as daemon:
+    with run_daemon(catalog, circuit=CIRCUIT) as daemon, _subscribed(daemon) as events:
         first = _refusal(daemon, "broken")
         assert "onnxruntime cannot load" in first.message and 0 < first.retry_after <= 0.5
         loads = daemon.log().count("model broken: load failed")
@@ -240,6 +265,10 @@ def test_a_model_that_fails_to_load_backs_off_then_serves_once_fixed(
         info = _models(daemon)["broken"]
         assert info["state"] == "ready" and info["error"] is None and info["circuit"]["failures"] == 0
         assert "model broken: circuit closed: a new version" in daemon.log()
+        published = _circuit_events(events)
+    assert [event["event"] for event in published] == ["circuit_opened", "circuit_opened", "circuit_closed"]
+    assert [event.get("retry_after_ms") for event in published] == [500, 1000, None]
+    assert "onnxruntime cannot load" in published[0]["error"] and published[2]["reason"] == "a new version"
 
 
 @pytest.fixture
