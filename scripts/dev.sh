@@ -31,6 +31,8 @@ daemon=$!
 trap 'kill -TERM $daemon 2>/dev/null; wait $daemon' EXIT INT TERM
 for _ in $(seq 100); do "$AKIDB" status --timeout 0.2 >/dev/null 2>&1 && break; sleep 0.1; done
 
+echo "--- loading the model (a new version's first load measures its memory and speed: seconds) ---" >&2
+"$AKIDB" load "$MODEL_ID" >/dev/null
 echo "--- a client asks the daemon for embeddings ---" >&2
 "$AKIDB" embed "A man is eating food." "A man is eating a piece of bread." \
   "The girl is carrying a baby." "A man is riding a horse." "Ein Mann isst Brot."

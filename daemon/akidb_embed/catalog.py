@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from .circuit import Circuit
 from .loader import LoadedModel
 from .manifest import Manifest, ManifestError, load_manifest, version_files
 from .stats import ModelStats
@@ -37,6 +38,8 @@ class Entry:
     loading: asyncio.Task | None = None
     pinned: bool = False
     stats: ModelStats = field(default_factory=ModelStats)
+    # Given by the registry when it hears of the entry: it holds the settings and the events.
+    circuit: Circuit = field(init=False, repr=False)
 
     @property
     def state(self) -> str:
@@ -104,8 +107,6 @@ class Catalog:
         if (new.manifest, new.files) == (entry.manifest, entry.files):
             if entry.model is None or entry.model.manifest == entry.manifest:
                 entry.update_error = None  # a half-written file was completed as it was
-            if entry.model is None and entry.loading is None:
-                entry.error = None  # a rescan retries a failed load
             return False
         log.info("model %s: new version (manifest or model files changed)", entry.id)
         entry.manifest, entry.files, entry.path = new.manifest, new.files, new.path

@@ -126,6 +126,8 @@ class Engine:
         # Checked before the model is taken: a bad request neither causes a load nor sets keep_alive.
         serving = entry.model.manifest if entry.model else entry.manifest
         job = self._job(serving, texts, fields, arrived)
+        if entry.model is not None:  # an open circuit refuses at once; an unloaded model's load is admitted by its load
+            entry.circuit.admit()
         entry.stats.took(loaded=entry.model is not None)
         model = await self.registry.acquire(entry.id, fields.get("keep_alive"))
         try:
@@ -136,11 +138,13 @@ class Engine:
             await job.future
         finally:
             self.registry.release(model, served=len(texts))
+            entry.circuit.ran(job.future)
         return model, job
 
     async def load(self, fields: dict[str, Any]) -> Outcome:
         """Load a model now (and keep it for ``keep_alive`` seconds)."""
         entry = self.registry.entry(fields["model"])
+        entry.circuit.reset("a load was asked for")
         await self.registry.load(entry)
         if fields.get("keep_alive") is not None and entry.model is not None:
             entry.model.keep_alive = fields["keep_alive"]

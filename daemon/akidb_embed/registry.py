@@ -4,15 +4,16 @@
 each change: a new pinned manifest loads; a changed manifest or model file loads the new version
 in the background while the old one serves, then swaps; a removed manifest retires its model
 once its requests finish. ``acquire`` hands out reference-counted models, loading on first use
-(one load however many ask), after evicting least recently used idle models until the new one
-fits the budget. ``snapshot`` and ``describe`` copy what ``status`` and ``models`` report, so
-no other module reads the registry's fields.
+(one load however many ask, unless the entry's circuit is open: ``circuit.py``), after evicting
+least recently used idle models until the new one fits the budget. ``snapshot`` and ``describe``
+copy what ``status`` and ``models`` report, so no other module reads the registry's fields.
 Everything here runs on the event-loop thread; loads and unloads run on the loader thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, Unkn
 
 from . import cache, selftest
 from .catalog import Catalog, Entry
+from .circuit import Circuit
 from .events import EventPublisher
 from .footprint import Footprint
 from .loader import LoadedModel, load_model
@@ -71,6 +73,8 @@ class Registry:
         log.info("catalog %s: %s; default model %s", self.settings.catalog, self.catalog.summary(), self.default_id())
 
     def added(self, entry: Entry) -> None:
+        publish = functools.partial(self.events.model, model_id=entry.id)
+        entry.circuit = Circuit(entry.id, self.settings.circuit, publish)
         self.events.model("discovered", entry.id, state=entry.state, error=entry.error)
         entry.pinned = (entry.manifest is not None and entry.manifest.pinned) or self.store.recorded(entry.id).pinned
         if not entry.error and entry.pinned and entry.manifest.enabled:
@@ -82,6 +86,7 @@ class Registry:
 
     def changed(self, entry: Entry) -> None:
         entry.pinned = entry.manifest.pinned or self.store.recorded(entry.id).pinned
+        entry.circuit.reset("a new version")
         if not entry.manifest.enabled:
             self.unload(entry, "disabled in its manifest")
         elif entry.model is not None and entry.loading is None:
@@ -126,11 +131,11 @@ class Registry:
             self.unload(entry, "keep_alive 0")
 
     async def load(self, entry: Entry) -> None:
-        """Load the entry's newest version unless it is loaded; every caller shares one load."""
-        if entry.error:
-            raise ModelUnavailable(f"model {entry.id!r} failed to load: {entry.error}")
+        """Load the entry's newest version unless it is loaded; every caller shares one load, which an open circuit
+        refuses (past its backoff, one caller's load is the trial)."""
         if entry.loading is None and entry.model is not None:
             return
+        entry.circuit.admit()
         if entry.loading is None:
             self._start_load(entry)
         await asyncio.shield(entry.loading)
@@ -262,7 +267,7 @@ class Registry:
             keep_alive=default_keep_alive(serving, self.settings) if serving else None,
             last_used=self.store.recorded(entry.id).last_used or None, stats=entry.stats.describe(),
             verification=_verification(entry, serving), selftest=None,
-            profile=self._profile(entry),
+            profile=self._profile(entry), circuit=entry.circuit.describe(),
         )  # fmt: skip
         model = entry.model
         if model is not None:
@@ -305,15 +310,17 @@ class Registry:
         except Exception as exc:
             if entry.manifest is not manifest:
                 return await self._load_newest(entry)
-            self._fail(entry, f"{exc}; fix it and rescan (SIGHUP / systemctl reload akidb-embed)")
-            raise ModelUnavailable(f"model {entry.id!r} failed to load: {exc}") from None
+            self._fail(entry, exc)
+            raise ModelUnavailable(f"model {entry.id!r} failed to load: {exc}",
+                                   retry_after_ms=entry.circuit.retry_after_ms()) from None  # nil: the old one serves
         if self.entries.get(entry.id) is not entry or entry.manifest is not manifest:
             self._close(model)  # removed or changed again while it loaded
             if self.entries.get(entry.id) is not entry:
                 raise ModelUnavailable(f"model {entry.id!r} was removed while loading")
             return await self._load_newest(entry)
         old, entry.model = entry.model, model
-        entry.update_error = None  # what kept an earlier version from serving is over
+        entry.error = entry.update_error = None  # what kept it, or a newer version, from serving is over
+        entry.circuit.succeeded()
         if old is not None:
             log.info("model %s: swapped to fingerprint %s", entry.id, model.fingerprint)
             entry.stats.swaps += 1
@@ -384,13 +391,15 @@ class Registry:
         """Bytes a loaded model is charged (its own measurement, or a remembered larger one)."""
         return max(entry.model.charge, self.store.recorded(entry.id).footprint)
 
-    def _fail(self, entry: Entry, message: str) -> None:
+    def _fail(self, entry: Entry, exc: Exception) -> None:
+        message = f"{exc}; fix it and replace the files (a new version is tried at once)"
         log.error("model %s: load failed: %s", entry.id, message)
         self.events.model("failed", entry.id, error=message, serving=entry.model is not None)
         if entry.model is not None:
             entry.update_error = message  # the old version keeps serving
         else:
             entry.error = message
+            entry.circuit.failed(f"its load failed: {exc}", at_once=True)
 
     def _unload(self, entry: Entry) -> asyncio.Future | None:
         model, entry.model = entry.model, None
@@ -428,6 +437,7 @@ class Registry:
 def _finish_load(entry: Entry, task: asyncio.Task) -> None:
     if entry.loading is task:
         entry.loading = None
+    entry.circuit.abandoned()  # a trial load that ended without a verdict (no room, removed, cancelled)
     if not task.cancelled():
         task.exception()  # retrieved here: a background swap may have no one awaiting it
 
