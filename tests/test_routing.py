@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tinymodels
+from akidb_embed.manifest import Manifest
+from akidb_embed.routing import Candidate, parse_constraints, rank
 from akidb_embed_client import AUTO_MODEL, BadRequest, ModelChanged, ModelUnavailable, NoModelFits
 from daemon_process import Daemon, run_daemon, wait_for
 
@@ -187,3 +189,32 @@ def test_the_cli_chooses_as_the_protocol_does(routed: Daemon) -> None:
                           capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
     lines = fits.stdout.splitlines()
     assert expected in lines[2] and "en-tiny" in fits.stdout.split("does not fit")[1]
+
+
+def candidate(model_id: str, **changes: object) -> Candidate:
+    """A verified, loaded 32-dimension English model as routing sees it, with ``changes``."""
+    manifest = Manifest(model_id, Path(f"{model_id}.toml"), Path("model.onnx"), Path("tokenizer.json"), 32, 512,
+                        "mean", languages=("en",), params=changes.pop("params", 1000))  # fmt: skip
+    fields = {"state": "ready", "verification": "passed", "memory_mb": 50.0, "profile": None, **changes}
+    return Candidate(model_id, manifest, **fields)
+
+
+def test_rank_orders_loaded_then_preference_then_id_and_skips_open_circuits() -> None:
+    """1. an open circuit and a failed self-test exclude  2. loaded before not loaded, whatever the preference
+    3. ties go to the smaller id  4. speed: the lowest p95, a cold load added, unprofiled last."""
+    profile = {"p95_ms": 2.0, "cold_load_ms": 100.0, "min_cosine": 0.9999}
+    pool = [
+        candidate("b", params=5000), candidate("a", params=5000), candidate("big", state="available", params=9000),
+        candidate("tripped", circuit="open", error="inference failed"), candidate("bad", verification="failed"),
+        candidate("fast", state="available", profile=profile), candidate("slow", profile={**profile, "p95_ms": 9.0}),
+    ]
+    fitting, rejected = rank(pool, parse_constraints({}))
+    assert [c.model for c in fitting] == ["a", "b", "slow", "big", "fast"]
+    assert {r["id"]: r["reason"] for r in rejected} == {
+        "tripped": "circuit open: inference failed",
+        "bad": "verification failed (no golden vectors passed: akidb-embed convert --again)"}
+    by_speed = [c.model for c in rank(pool, parse_constraints({"prefer": "speed"}))[0]]
+    assert by_speed == ["slow", "a", "b", "fast", "big"]  # slow 9 ms loaded; fast 2 + 100 ms cold
+    rejected = {r["id"]: r["reason"] for r in rank(pool, parse_constraints({"max_latency_ms": 50}))[1]}
+    assert rejected["fast"] == "max_latency_ms: p95 102.0 ms with its cold load of 100 ms, over 50"
+    assert "slow" not in rejected  # 9 ms, loaded

@@ -248,9 +248,9 @@ class Registry:
         if serving is None:
             return Candidate(entry.id, None, entry.state, "unverified", 0.0, None, error=entry.error)
         memory = self.footprint(entry) if entry.model else self.estimate(entry.id, serving)[0]
-        verification = ("passed" if entry.model.selftest else "unverified") if entry.model else _verification(entry, serving)
-        return Candidate(entry.id, serving, entry.state, verification, round(memory / MIB, 1), self._profile(entry),
-                         entry.error, lambda: self._no_room(entry, serving))  # fmt: skip
+        return Candidate(entry.id, serving, entry.state, _verification(entry, serving), round(memory / MIB, 1),
+                         self._profile(entry), entry.error or entry.circuit.last_error, entry.circuit.state,
+                         lambda: self._no_room(entry, serving))  # fmt: skip
 
     def describe(self, model_id: str) -> dict[str, Any]:
         """One catalog entry as the ``models`` reply lists it (a copy: changing it changes nothing here)."""
@@ -280,7 +280,6 @@ class Registry:
                 weights_mb=_mb(model.footprint.weights), work_mb=_mb(model.footprint.work), peak_mb=_mb(model.peak),
                 threads=model.footprint.tuning.threads, run_cost_tokens=model.footprint.tuning.run_cost_tokens,
                 batch_tokens=model.batcher.rule.max_tokens,
-                verification="passed" if model.selftest else "unverified",
                 selftest=model.selftest.as_dict() if model.selftest else None,
             )  # fmt: skip
         return info
@@ -448,7 +447,9 @@ def default_keep_alive(manifest: Manifest, settings: Settings) -> float:
 
 
 def _verification(entry: Entry, serving: Manifest | None) -> str:
-    """What is known of a model not loaded: it failed its self-test, it will take one, or it has none."""
+    """Loaded: it passed its self-test, or had none. Not loaded: it failed its self-test, will take one, or has none."""
+    if entry.model is not None:
+        return "passed" if entry.model.selftest else "unverified"
     if serving is None or serving.golden is None:
         return "unverified"
     return "failed" if (entry.error or "").startswith(selftest.FAILED) else "pending"

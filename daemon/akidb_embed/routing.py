@@ -52,6 +52,7 @@ class Candidate:
     memory_mb: float  # the charge it holds or will take
     profile: dict[str, Any] | None  # measured figures of this version (bench op), None if never profiled
     error: str | None = None
+    circuit: str = "closed"  # open or half_open: failing, left alone (circuit.py)
     # Why it cannot be loaded now, None if it can: asked last, of the candidates that meet the rest (it reads memory).
     no_room: Callable[[], str | None] = lambda: None
 
@@ -127,6 +128,8 @@ def _failed_constraint(candidate: Candidate, constraints: Constraints) -> str | 
     m = candidate.manifest
     if m is None or candidate.state in ("invalid", "disabled", "failed"):
         return f"{candidate.state}" + (f": {candidate.error}" if candidate.error else "")
+    if candidate.circuit != "closed":
+        return f"circuit {candidate.circuit}" + (f": {candidate.error}" if candidate.error else "")
     if candidate.verification not in ("passed", "pending"):
         return f"verification {candidate.verification} (no golden vectors passed: akidb-embed convert --again)"
     missing = [lang for lang in constraints.languages if not m.multilingual and lang not in m.languages]
