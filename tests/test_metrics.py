@@ -51,6 +51,7 @@ def test_every_model_has_its_series_from_the_start(catalog: Path) -> None:
             assert value(figures, "akidb_embed_requests_total", model=model, code="ok") == 0
             assert value(figures, "akidb_embed_model_state", model=model, state="available") == 1
             assert value(figures, "akidb_embed_request_duration_seconds_count", model=model, stage="total") == 0
+            assert value(figures, "akidb_embed_model_circuit_open", model=model) == 0
         families = {f.name: f for f in text_string_to_metric_families(textfile(daemon).read_text())}
         assert families["akidb_embed_requests"].type == "counter" and families["akidb_embed_memory_total_bytes"].samples
         assert all("model" in s.labels for s in families["akidb_embed_model_memory_bytes"].samples)

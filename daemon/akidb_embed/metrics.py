@@ -175,6 +175,8 @@ def _model_families() -> dict[str, Metric]:
         (gauge, "model_memory_bytes", "What the loaded model is charged: weights and working budget.", ["model"]),
         (gauge, "model_queued_texts", "Texts waiting in the model's queue.", ["model"]),
         (gauge, "model_in_flight", "Embed requests holding the model.", ["model"]),
+        (gauge, "model_circuit_open", "1 while the model's circuit is open or half-open: refused after failures.",
+         ["model"]),
     ]
     families = {name: kind(PREFIX + name, text, labels=labels) for kind, name, text, labels in specs}
     families["request_duration_seconds"] = HistogramMetricFamily(
@@ -199,6 +201,7 @@ def _add_model(families: dict[str, Metric], model: dict[str, Any]) -> None:
     families["model_memory_bytes"].add_metric([model_id], model["memory_mb"] * MIB if loaded else 0)
     families["model_queued_texts"].add_metric([model_id], model.get("queued_texts", 0))
     families["model_in_flight"].add_metric([model_id], model.get("in_flight", 0))
+    families["model_circuit_open"].add_metric([model_id], int(model["circuit"]["state"] != "closed"))
 
 
 def _bound(le: float) -> str:
