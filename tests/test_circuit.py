@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,6 +298,9 @@ def test_inference_failures_in_a_row_open_the_circuit_and_a_good_trial_closes_it
         assert "inference failed" in refused.message and 0 < refused.retry_after <= 0.5
         circuit = _models(daemon)["fragile"]["circuit"]
         assert circuit["state"] == "open" and circuit["failures"] == 3 and "inference failed" in circuit["last_error"]
+        listed = subprocess.run([sys.executable, "-m", "akidb_embed", "models", "--socket", str(daemon.socket)],
+                                capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+        assert "ready, circuit open" in listed
         time.sleep(0.5)
         assert client.embed([GOOD], model="fragile").model == "fragile"
         assert _models(daemon)["fragile"]["circuit"]["state"] == "closed"

@@ -37,11 +37,20 @@ def profiles_table(profiles: Sequence[tuple[str, Model]]) -> str:
     return table(headers, [[model_id, *(cell(p) for _, cell in _PROFILE_COLUMNS)] for model_id, p in profiles])
 
 
+def state_cell(model: Model) -> str:
+    """The state, and the circuit when it is not closed: refused after failures, tried again in so many seconds."""
+    state, circuit = str(model.get("state", "")), model.get("circuit") or {}
+    if circuit.get("state", "closed") == "closed":
+        return state
+    retry = circuit.get("retry_after_ms")
+    return f"{state}, circuit {circuit['state'].replace('_', '-')}" + (f" {retry / 1e3:.0f}s" if retry else "")
+
+
 def _columns(now: float) -> list[tuple[str, Callable[[Model], str], bool]]:
     """(header, cell, shown without --wide) of the models table, in order."""
     return [
         ("id", lambda m: str(m.get("id", "")), True),
-        ("state", lambda m: str(m.get("state", "")), True),
+        ("state", state_cell, True),
         ("verified", lambda m: _VERIFIED.get(m.get("verification"), "-"), True),
         ("pinned", lambda m: "*" if m.get("pinned") else "", True),
         ("memory", memory_cell, True),

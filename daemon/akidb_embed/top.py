@@ -15,7 +15,7 @@ from typing import Any
 
 from akidb_embed_client import Client, EmbedError
 
-from .modeltable import GIB, MIB, NEVER, scalar, table
+from .modeltable import GIB, MIB, NEVER, scalar, state_cell, table
 
 Frame = tuple[dict[str, Any], list[dict[str, Any]]]  # status, models
 HEADERS = ["model", "state", "memory", "qps", "texts/s", "p95", "queue", "hit rate", "requests", "errors"]
@@ -48,7 +48,7 @@ def _row(model: dict[str, Any]) -> list[str]:
     p95 = (stats.get("latency_ms") or {}).get("total", {}).get("p95")
     loaded = model.get("fingerprint") is not None
     return [
-        str(model.get("id", "")), str(model.get("state", "")),
+        str(model.get("id", "")), state_cell(model),
         f"{model['memory_mb']:.0f} MB" if loaded and model.get("memory_mb") is not None else "-",
         scalar(stats.get("qps")), scalar(stats.get("texts_per_s")), NEVER if p95 is None else f"{p95:.1f} ms",
         scalar(model.get("queued_texts")), NEVER if stats.get("hit_rate") is None else f"{stats['hit_rate']:.0%}",
