@@ -219,7 +219,8 @@ print(next((m.get("state", "?") for m in json.load(sys.stdin) if m.get("id") == 
 served() { case "$(model_state)" in available|ready|loading) return 0 ;; *) return 1 ;; esac; }
 wait_until 15 served || fail "15 s after the manifest appeared, $MODEL_ID is '$(model_state)': $(akidb-embed models 2>&1)"
 [ "$(main_pid)" = "$pid" ] || fail "the daemon restarted (MainPID $pid -> $(main_pid)); the model must load without one"
-out=$(akidb-embed embed --json "a first sentence for the new model" 2>&1) || fail "akidb-embed embed failed: $out"
+# The first load of a new version measures its memory and speed first: seconds, more on a busy machine.
+out=$(akidb-embed embed --timeout 120 --json "a first sentence for the new model" 2>&1) || fail "akidb-embed embed failed: $out"
 dim=$(json_get "$out" 'd["dimension"]')
 [ "$dim" = 384 ] || fail "the embedding has dimension $dim, expected 384"
 verification=$(akidb-embed models --json 2>/dev/null | python3 -c '
