@@ -102,8 +102,8 @@ def load_model(
     """Build and check a model (loader thread); a fingerprint not in ``known`` for this budget is measured first."""
     started = time.perf_counter()
     _confine(manifest, settings)
+    encoder = _text_encoder(manifest)  # first: it refuses an absurd tokenizer.json before the hash reads it
     digest = _fingerprint(manifest)
-    encoder = _text_encoder(manifest)
     footprint = known.get(digest)
     measure_seconds = 0.0
     if footprint is None or (footprint.work_mb, footprint.tuning.threads_setting) != (
