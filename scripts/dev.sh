@@ -23,6 +23,7 @@ socket = "$DEV/embed.sock"
 catalog = "$DEV/models.d"
 state_dir = "$DEV/state"
 cache_dir = "$DEV/cache"
+model_roots = ["$DEV/models"]
 default_model = "$MODEL_ID"
 CONFIG
 

@@ -21,6 +21,9 @@ from akidb_embed_client.errors import Unavailable
 REPO = Path(__file__).resolve().parents[1]
 # Speed settings as a state file records them (footprint "tuning"), for tests that seed a measurement.
 SEEDED_TUNING = {"threads": 0, "run_cost_tokens": 16, "batch_tokens": 16384, "threads_setting": 0}
+# The daemon's model_roots unless a test sets its own: tests build their models under the temp directory
+# (pytest's tmp_path, tinymodels), and scripts/dev.sh converts into .dev/, which the benchmarks serve from.
+TEST_MODEL_ROOTS = [tempfile.gettempdir(), str(REPO / ".dev")]
 
 
 @dataclass
@@ -84,6 +87,7 @@ def run_daemon(
     """Start ``akidb-embed serve`` on ``catalog``; stop it with SIGTERM and check it exits 0.
 
     ``settings`` are config keys ([limits] and [memory] as dicts); ``env`` adds to the environment.
+    ``model_roots`` defaults to ``TEST_MODEL_ROOTS``.
     """
     # ipc:// paths must fit in sun_path (108 bytes); pytest's tmp_path can be longer.
     workdir = Path(tempfile.mkdtemp(prefix="akd-"))
@@ -91,7 +95,7 @@ def run_daemon(
     config = workdir / "akidb-embed.toml"
     # tegrastats off unless a test asks for it: a test's PATH may hold the stand-in.
     settings["memory"] = {"tegrastats": "off", **settings.get("memory", {})}
-    defaults = {"state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache")}
+    defaults = {"state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache"), "model_roots": TEST_MODEL_ROOTS}
     write_config(config, {**defaults, **settings})
     log_path = workdir / "daemon.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from akidb_embed.systemd import Notifier, status_line
-from daemon_process import REPO, Daemon, run_daemon, write_config
+from daemon_process import REPO, TEST_MODEL_ROOTS, Daemon, run_daemon, write_config
 
 WATCHDOG_USEC = 1_000_000  # pings every 0.5 s
 SLACK = 0.3  # a loaded test machine may be late by this much
@@ -107,7 +107,8 @@ def notified_daemon(catalog: Path, env: dict[str, str] | None = None, **settings
     workdir = Path(tempfile.mkdtemp(prefix="akn-"))  # AF_UNIX paths must stay short
     notify = NotifySocket(workdir / "notify")
     config = workdir / "akidb-embed.toml"
-    settings = {"state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache"), **settings}
+    settings = {"state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache"), "model_roots": TEST_MODEL_ROOTS,
+                **settings}
     settings["memory"] = {"tegrastats": "off", **settings.get("memory", {})}
     write_config(config, settings)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)}

@@ -3,8 +3,8 @@
 ``Catalog.scan`` reads every ``*.toml`` (at start, on SIGHUP and on every watcher event, so a
 missed event cannot leave it wrong) and compares it with what it knew: a new manifest is added,
 a removed one dropped, a changed manifest or model file (size, mtime, inode) becomes the
-entry's newest version, and a manifest that does not parse is listed with its error but never
-replaces a working version. What a change means for loaded models (load, swap, unload) is the
+entry's newest version, and a manifest that does not parse, or names a file outside the model
+roots (``confine.py``), is listed with its error but never replaces a working version. What a change means for loaded models (load, swap, unload) is the
 registry's business: it hears of each change through ``CatalogEvents``.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from . import confine
 from .circuit import Circuit
 from .loader import LoadedModel
 from .manifest import Manifest, ManifestError, load_manifest, version_files
@@ -68,13 +69,15 @@ class CatalogEvents(Protocol):
 class Catalog:
     """Entries by model id, as the catalog directory last showed them."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, roots: tuple[Path, ...]) -> None:
         self.directory = directory
+        self.roots = roots  # the folders the files manifests name must resolve under (confine.py)
         self.entries: dict[str, Entry] = {}
 
     def scan(self, events: CatalogEvents) -> None:
         """Reconcile the entries with the manifests now in the directory."""
-        found = {entry.id: entry for entry in map(read_entry, sorted(self.directory.glob("*.toml")))}
+        paths = sorted(self.directory.glob("*.toml"))
+        found = {entry.id: entry for entry in (read_entry(path, self.roots) for path in paths)}
         for model_id, entry in list(self.entries.items()):
             new = found.pop(model_id, None)
             if new is None:
@@ -114,10 +117,13 @@ class Catalog:
         return True
 
 
-def read_entry(path: Path) -> Entry:
-    """The entry of one manifest file: its manifest and file stats, or the error that it has."""
+def read_entry(path: Path, roots: tuple[Path, ...]) -> Entry:
+    """The entry of one manifest file: its manifest and file stats, or the error that it has (a manifest naming a
+    file outside ``roots`` is refused before any of its files is looked at)."""
     try:
+        confine.check_file(path, "manifest", roots)  # a symlink in the catalog is no way out either
         manifest = load_manifest(path)
+        confine.check(manifest, roots)
     except ManifestError as exc:
         return Entry(path.stem, path, error=str(exc))
     return Entry(manifest.id, path, manifest, files=file_stats(manifest))

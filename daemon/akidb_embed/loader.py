@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import confine
 from .backend import ORT_NAMES, Backend, BackendError, DeviceMemory, OnnxBackend
 from .batcher import Batcher, Job
 from .footprint import Footprint, Request, measure_in_child
-from .manifest import Manifest, fingerprint
+from .manifest import Manifest, ManifestError, fingerprint
 from .memory import MIB, process_rss, release_memory
 from .selftest import SelfTest, run_self_test
 from .settings import Settings
@@ -100,8 +101,9 @@ def load_model(
 ) -> LoadedModel:
     """Build and check a model (loader thread); a fingerprint not in ``known`` for this budget is measured first."""
     started = time.perf_counter()
+    _confine(manifest, settings)
+    encoder = _text_encoder(manifest)  # first: it refuses an absurd tokenizer.json before the hash reads it
     digest = _fingerprint(manifest)
-    encoder = _text_encoder(manifest)
     footprint = known.get(digest)
     measure_seconds = 0.0
     if footprint is None or (footprint.work_mb, footprint.tuning.threads_setting) != (
@@ -145,6 +147,14 @@ def _measure(manifest: Manifest, settings: Settings, digest: str) -> Footprint:
 def _engine_cache(settings: Settings, digest: str) -> Path:
     """Where TensorRT keeps this model version's engines and timing cache."""
     return settings.cache_dir / "tensorrt" / digest
+
+
+def _confine(manifest: Manifest, settings: Settings) -> None:
+    """Check the model roots again before opening anything: a file may have become a symlink since the scan."""
+    try:
+        confine.check(manifest, settings.all_model_roots)
+    except ManifestError as exc:
+        raise BackendError(str(exc)) from None
 
 
 def _fingerprint(manifest: Manifest) -> str:

@@ -1,7 +1,9 @@
 """Model manifests: one TOML file per model in the catalog, parsed and validated here.
 
 Pure apart from reading the file: ``load_manifest`` returns a frozen ``Manifest`` or raises
-``ManifestError`` whose message names the file, the field and what is allowed.
+``ManifestError`` whose message names the file, the field and what is allowed. A manifest is
+data only: TOML has no includes, and no field names another manifest or config; its paths name
+model files, which ``confine.py`` keeps under the model roots.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .filesize import MAX_MANIFEST_BYTES, FileRefused, read_bounded
 from .tomlcompat import tomllib
 
 POOLINGS = ("mean", "cls", "last_token")
@@ -151,7 +154,9 @@ _GOLDEN_FIELDS: dict[str, tuple[type, ...]] = {"file": (str,), "min_cosine": (fl
 def load_manifest(path: Path) -> Manifest:
     """Read and validate one manifest file."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_bounded(path, MAX_MANIFEST_BYTES, "manifest").decode("utf-8"))
+    except FileRefused as exc:
+        raise ManifestError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:

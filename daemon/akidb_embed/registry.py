@@ -58,7 +58,7 @@ class Registry:
         self.settings = settings
         self.monitor = monitor
         self.store = store
-        self.catalog = Catalog(settings.catalog)
+        self.catalog = Catalog(settings.catalog, settings.all_model_roots)
         self.entries = self.catalog.entries  # by model id; the catalog keeps them in step with the directory
         self.evictions = 0
         self.events = EventPublisher()  # bound by the app beside the request socket

@@ -21,6 +21,8 @@ from .tomlcompat import tomllib
 DEFAULT_CONFIG = Path("/etc/akidb-embed/akidb-embed.toml")
 DEFAULT_SOCKET = Path("/run/akidb-embed/embed.sock")
 SOCKET_ENV = "AKIDB_EMBED_SOCKET"
+# Where the files manifests name may live (confine.py); the catalog directory is always one more.
+DEFAULT_MODEL_ROOTS = (Path("/var/lib/akidb-embed/models"), Path("/usr/share/akidb-embed/models"))
 
 
 class SettingsError(ValueError):
@@ -121,6 +123,7 @@ class Settings:
     catalog: Path = Path("/etc/akidb-embed/models.d")
     state_dir: Path = Path("/var/lib/akidb-embed")
     cache_dir: Path = Path("/var/cache/akidb-embed")
+    model_roots: tuple[Path, ...] = DEFAULT_MODEL_ROOTS
     default_model: str | None = None  # overrides the manifest marked default = true
     providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
     intra_op_threads: int = 0  # 0: measured per model at its first load (tuning.py)
@@ -140,6 +143,14 @@ class Settings:
             raise SettingsError("intra_op_threads must be 0 (automatic) or positive")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"log_level {self.log_level!r} is not one of debug, info, warning, error")
+        relative = [str(root) for root in self.model_roots if not root.is_absolute()]
+        if relative:
+            raise SettingsError(f"model_roots must be absolute paths, not {', '.join(relative)}")
+
+    @property
+    def all_model_roots(self) -> tuple[Path, ...]:
+        """The folders the files manifests name must resolve under: model_roots and the catalog directory."""
+        return (*self.model_roots, self.catalog)
 
     @property
     def events_path(self) -> Path:
@@ -159,6 +170,7 @@ _PATH_KEYS = ("socket", "events_socket", "catalog", "state_dir", "cache_dir")
 # What each key may be in the TOML file (or on the command line, where paths are Paths already).
 _TYPES: dict[str, tuple[type, ...]] = {
     **{key: (str, Path) for key in _PATH_KEYS},
+    "model_roots": (list, tuple),
     "default_model": (str,),
     "providers": (list, tuple),
     "intra_op_threads": (int,),
@@ -191,11 +203,21 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             data[key] = Path(data[key])
     if "providers" in data:
         data["providers"] = tuple(data["providers"])
+    if "model_roots" in data:
+        data["model_roots"] = _paths("model_roots", data["model_roots"])
     try:
         return Settings(**data, limits=Limits(**tables["limits"]), memory=MemorySettings(**tables["memory"]),
                         metrics=MetricsSettings(**tables["metrics"]), circuit=CircuitSettings(**tables["circuit"]))
     except TypeError as exc:
         raise SettingsError(f"bad setting: {exc}") from None
+
+
+def _paths(key: str, values: list | tuple) -> tuple[Path, ...]:
+    """A list setting of paths, each a string (or a Path, from the command line)."""
+    wrong = [v for v in values if not isinstance(v, (str, Path))]
+    if wrong:
+        raise SettingsError(f"{key} must be a list of paths (strings), not {wrong[0]!r}")
+    return tuple(Path(v) for v in values)
 
 
 def _read_config(config: Path | None) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from .filesize import MAX_TOKENIZER_BYTES, read_bounded
+
 ENCODE_CHUNK = 32  # texts whose full HF encodings exist at one time
 
 
@@ -38,7 +40,8 @@ class TextEncoder:
     """A tokenizer bound to one model's max_length and padding side."""
 
     def __init__(self, tokenizer_path: Path, max_length: int, padding_side: str) -> None:
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        # Read here, bounded, rather than by Tokenizer.from_file: an absurd file is refused, not loaded into memory.
+        self.tokenizer = Tokenizer.from_buffer(read_bounded(tokenizer_path, MAX_TOKENIZER_BYTES, "tokenizer.json"))
         self.pad_id = _pad_id(self.tokenizer)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length)

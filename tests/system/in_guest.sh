@@ -8,7 +8,8 @@
 #    3 measure      bench_service.sh: start-to-READY, idle RSS and CPU (no model loaded)
 #    4 hot-load     a real model copied in and its manifest renamed into models.d: served
 #                   without a restart (same MainPID), verified by its golden vectors, and
-#                   counted in the metrics textfile
+#                   counted in the metrics textfile; manifests naming /etc/shadow (directly and
+#                   through a symlink in a model root) listed invalid and never opened
 #    5 clients      system Python client as a member of group akidb-embed gets a (1, 384)
 #                   vector; a user outside the group cannot open the socket
 #    6 reload       `systemctl reload` keeps serving: same PID, same fingerprint and vectors
@@ -232,7 +233,32 @@ counted() { grep -q "^akidb_embed_requests_total{code=\"ok\",model=\"$MODEL_ID\"
 wait_until 15 counted || fail "the metrics textfile $PROM does not count the embed: $(ls -l "$PROM" 2>&1)"
 runuser -u nobody -- cat "$PROM" >/dev/null \
     || fail "node_exporter's user could not read $PROM: $(ls -ld "$(dirname "$PROM")" "$PROM" 2>&1)"
-pass "state $(model_state), same MainPID $pid, 384-dim vector from the CLI, self-test passed, counted in $PROM (readable by other users)"
+# Manifests naming a file the daemon's user cannot read, outside the model roots: /etc/shadow itself,
+# and through a symlink planted in a root. Refused from the paths alone: had the daemon opened the
+# file as akidb-embed, the error would be "Permission denied", not the roots.
+mkdir -p "$MODELS/escape" && ln -sfn /etc/shadow "$MODELS/escape/model.onnx"
+for id in escape-abs escape-link; do
+    model=/etc/shadow; [ "$id" = escape-link ] && model=$MODELS/escape/model.onnx
+    printf 'id = "%s"\nmodel = "%s"\ntokenizer = "%s"\ndimension = 384\nmax_length = 256\npooling = "mean"\n' \
+        "$id" "$model" "$dest/tokenizer.json" >"$CATALOG/.$id.toml.new"
+    mv -f "$CATALOG/.$id.toml.new" "$CATALOG/$id.toml"
+done
+escape_errors() {
+    akidb-embed models --json 2>/dev/null | python3 -c '
+import json, sys
+models = {m["id"]: m for m in json.load(sys.stdin)}
+for i in ("escape-abs", "escape-link"):
+    m = models.get(i, {})
+    assert m.get("state") == "invalid" and "outside the model roots" in (m.get("error") or ""), m
+    print(m["error"])'
+}
+wait_until 15 escape_errors || fail "manifests naming /etc/shadow are not refused: $(akidb-embed models 2>&1)"
+escape_errors | sed 's/^/    refused: /'
+out=$(akidb-embed load escape-link 2>&1) && fail "akidb-embed load escape-link succeeded: $out"
+case "$out" in *"outside the model roots"*) ;; *) fail "load escape-link: not refused for its root: $out" ;; esac
+case "$out" in *"ermission denied"*) fail "the daemon tried to open /etc/shadow: $out" ;; esac
+rm -f "$CATALOG/escape-abs.toml" "$CATALOG/escape-link.toml" && rm -rf "$MODELS/escape"
+pass "state $(model_state), same MainPID $pid, 384-dim vector from the CLI, self-test passed, counted in $PROM (readable by other users); /etc/shadow refused, directly and by symlink"
 
 # =============================================================================================
 begin 5 clients
