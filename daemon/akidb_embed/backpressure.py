@@ -13,6 +13,7 @@ costs a decode per request, not inference that would delay everybody else.
 from __future__ import annotations
 
 import logging
+import resource
 from collections import OrderedDict
 
 import zmq
@@ -45,6 +46,21 @@ def configure_router(socket: zmq.Socket, limits: Limits) -> None:
     socket.setsockopt(zmq.SNDHWM, REPLY_HWM)
     socket.setsockopt(zmq.RCVHWM, REQUEST_HWM)
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft limit on open descriptors to the hard one; the limit now.
+
+    Each client connection holds a descriptor, and libzmq aborts the process when accepting one
+    fails for want of descriptors (EMFILE is not among the errors its ipc listener tolerates):
+    under systemd's default soft limit of 1024, a client opening a thousand connections would end
+    the daemon. At the hard limit (524288 under systemd), connections run into the memory they
+    cost (about 30 KiB each, measured) long before.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 class ReplyGate:
