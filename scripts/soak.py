@@ -3,7 +3,8 @@
 ``--clients`` threads (32) each send, for ``--duration`` seconds (600), a mix of embed (1 to 16 texts),
 models, status, load and unload across two tiny models, each request on the reference client (a REQ
 socket, one try of ``--timeout`` seconds). Every ``--every`` seconds the daemon's VmRSS and open
-descriptors are sampled. Reported: each op's count by outcome (ok, an error code, or ``lost``: no reply
+descriptors are sampled (and with ``--settle-every``, the RSS once every client paused and the models trimmed the heap:
+what the daemon keeps, apart from what the allocator holds between batches). Reported: each op's count by outcome (ok, an error code, or ``lost``: no reply
 in time), and RSS and fds over the steady window (from ``--warmup`` seconds, 120, to the end): first,
 last, min, max, the spread (max - min) / min and the drift between the window's first and last quarters.
 Exit status 1 when a request was lost or a drift is over 5 %.
@@ -35,6 +36,7 @@ WORDS = "the quick brown fox jumps over lazy dog search engine finds documents r
 # Op weights: mostly embeds, with enough loads and unloads that models come and go all the time.
 MIX = {"embed": 70, "models": 8, "status": 8, "load": 7, "unload": 7}
 FLAT = 0.05
+SETTLE_SECONDS = 2.5  # a model idle for a second trims the heap (batcher.py)
 
 
 class Tally:
@@ -63,11 +65,33 @@ def send_one(client: Client, op: str, rng: random.Random) -> None:
         getattr(client, op)()
 
 
-def client_loop(socket: Path, seed: int, stop: threading.Event, tally: Tally, timeout: float) -> None:
+class Pause:
+    """Lets the sampler stop every client between two requests, to see the daemon's memory once it settles."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.go.set()
+        self.busy = threading.Semaphore(0)  # released by a client on each request it finishes while paused
+
+    def settled(self, pid: int, clients: int, seconds: float) -> int:
+        """Every client stopped, ``seconds`` of quiet (models idle a second trim the heap): the RSS then."""
+        self.go.clear()
+        for _ in range(clients):
+            self.busy.acquire()
+        time.sleep(seconds)
+        rss = rss_kib(pid)
+        self.go.set()
+        return rss
+
+
+def client_loop(socket: Path, seed: int, stop: threading.Event, tally: Tally, timeout: float, pause: Pause) -> None:
     """Requests back to back until ``stop``; each one's outcome is tallied."""
     rng = random.Random(seed)
     with Client(socket, timeout=timeout, retries=1) as client:
         while not stop.is_set():
+            if not pause.go.is_set():
+                pause.busy.release()
+                pause.go.wait()
             op = rng.choices(list(MIX), weights=list(MIX.values()))[0]
             try:
                 send_one(client, op, rng)
@@ -91,11 +115,12 @@ def spread(values: list[int]) -> dict[str, float]:
 
 def soak(args: argparse.Namespace, catalog: Path) -> dict:
     """Run the clients against a daemon on ``catalog``; the figures."""
-    tally, stop = Tally(), threading.Event()
+    tally, stop, pause = Tally(), threading.Event(), Pause()
     samples: list[tuple[float, int, int]] = []
+    settled: list[tuple[float, int]] = []  # (seconds, RSS after a pause)
     with run_daemon(catalog) as daemon:
         pid = daemon.process.pid
-        threads = [threading.Thread(target=client_loop, args=(daemon.socket, seed, stop, tally, args.timeout))
+        threads = [threading.Thread(target=client_loop, args=(daemon.socket, seed, stop, tally, args.timeout, pause))
                    for seed in range(args.clients)]
         started = time.monotonic()
         for thread in threads:
@@ -104,6 +129,8 @@ def soak(args: argparse.Namespace, catalog: Path) -> dict:
             samples.append((elapsed, rss_kib(pid), open_fds(pid)))
             print(f"soak: {elapsed:5.0f} s  rss {samples[-1][1] / 1024:6.1f} MiB  fds {samples[-1][2]:4d}  "
                   f"requests {sum(tally.counts.values()):7d}  lost {tally.lost()}", file=sys.stderr, flush=True)
+            if args.settle_every and len(samples) % round(args.settle_every / args.every) == 0:
+                settled.append((elapsed, pause.settled(pid, args.clients, SETTLE_SECONDS)))
             time.sleep(min(args.every, max(0.0, args.duration - elapsed)))
         stop.set()
         for thread in threads:
@@ -111,10 +138,12 @@ def soak(args: argparse.Namespace, catalog: Path) -> dict:
         with daemon.client() as client:
             status = client.status()
     steady = [s for s in samples if s[0] >= args.warmup] or samples[-1:]
+    settled_steady = [rss for when, rss in settled if when >= args.warmup]
     return {
         "clients": args.clients, "duration_s": args.duration, "warmup_s": args.warmup, "samples": len(samples),
         "requests": sum(tally.counts.values()), "lost": tally.lost(), "outcomes": dict(sorted(tally.counts.items())),
         "rss_kib": spread([s[1] for s in steady]), "fds": spread([s[2] for s in steady]),
+        "settled_rss_kib": spread(settled_steady) if settled_steady else None,
         "dropped_replies": status["dropped_replies"],
     }  # fmt: skip
 
@@ -125,6 +154,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of traffic")
     parser.add_argument("--warmup", type=float, default=120.0, help="seconds before the steady window")
     parser.add_argument("--every", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument("--settle-every", type=float, default=0.0,
+                        help="seconds between pauses of every client, after which the settled RSS is taken (0: none)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take before it is lost")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="akd-soak-") as root:
