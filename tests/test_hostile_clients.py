@@ -186,3 +186,4 @@ def test_an_absurd_id_is_refused_and_not_echoed(daemon: Daemon) -> None:
         client.send_multipart(frame("ping", "z" * MAX_ID_LENGTH))
         assert client.poll(10000)
         assert msgpack.unpackb(client.recv_multipart()[-1], raw=False)["id"] == "z" * MAX_ID_LENGTH
+

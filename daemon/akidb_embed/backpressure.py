@@ -4,10 +4,10 @@ Each connection to a ROUTER holds two ZeroMQ pipes; their high-water marks bound
 queue in the daemon: ``REPLY_HWM`` replies not yet taken by the kernel (a client that never
 reads), ``REQUEST_HWM`` requests not yet read by the loop. With ``ROUTER_MANDATORY`` a reply
 that does not fit raises instead of vanishing, so ``ReplyGate`` can count it by cause
-(``peer_gone``: the client disconnected; ``not_reading``: its reply queue is full) and mute
-the peer: a muted peer's requests are not run but answered ``overloaded`` at once, and the
-first such answer its queue takes again unmutes it. A client that floods without reading thus
-costs a decode per request, not inference that would delay everybody else.
+(``peer_gone``: the client disconnected; ``not_reading``: its reply queue stayed full for
+``GRACE_MS``) and mute the peer: a muted peer's requests are not run but answered ``overloaded``
+at once, and the first such answer its queue takes again unmutes it. A client that floods
+without reading thus costs a decode per request, not inference that would delay everybody else.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ REPLY_HWM = 16
 # Requests per connection that ZeroMQ reads ahead of the loop; past that it stops reading the
 # connection, so the client's sends block instead of the daemon's memory growing.
 REQUEST_HWM = 16
+# A reply that finds its connection's queue full waits this long for ZeroMQ's I/O thread to drain
+# it before it is dropped: a burst of quick replies (a pipelining client's requests refused at
+# once, say) can outrun that thread for a moment while the client reads. The loop waits then, once
+# per peer until it is muted; a muted peer's replies never wait.
+GRACE_MS = 100
 # Past this a frame is refused by ZeroMQ itself (the peer is disconnected, no reply):
 # a safety net against memory exhaustion far above the byte limit that gets a clear error.
 HARD_FRAME_FACTOR = 16
@@ -46,6 +51,7 @@ def configure_router(socket: zmq.Socket, limits: Limits) -> None:
     socket.setsockopt(zmq.SNDHWM, REPLY_HWM)
     socket.setsockopt(zmq.RCVHWM, REQUEST_HWM)
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    socket.setsockopt(zmq.SNDTIMEO, GRACE_MS)  # for the one blocking retry of a reply that found the queue full
 
 
 def raise_descriptor_limit() -> int:
@@ -82,7 +88,7 @@ class ReplyGate:
         """Queue one reply; a reply to a gone peer, or to a full queue, is dropped and counted."""
         peer = envelope[0]
         try:
-            socket.send_multipart(envelope + frames, zmq.NOBLOCK, copy=False)
+            self._queue(socket, peer, envelope + frames)
         except zmq.Again:
             self._drop(NOT_READING)
             self._muted[peer] = None
@@ -94,6 +100,15 @@ class ReplyGate:
             self._muted.pop(peer, None)
         else:
             self._muted.pop(peer, None)
+
+    def _queue(self, socket: zmq.Socket, peer: bytes, message: list) -> None:
+        """Queue without waiting; a full queue of a peer not muted gets GRACE_MS to drain (zmq.Again if not)."""
+        try:
+            socket.send_multipart(message, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if peer in self._muted:
+                raise
+            socket.send_multipart(message, copy=False)  # blocks for SNDTIMEO at most
 
     def describe(self) -> dict[str, object]:
         """For ``status``: replies dropped by cause, and the peers muted now."""

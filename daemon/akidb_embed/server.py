@@ -3,7 +3,8 @@
 Requests arrive as ``[identity, b"", request]`` (REQ clients; DEALER clients send the empty
 delimiter themselves). Cheap ops are answered inline; each op that waits (embed, load, pin,
 unload, tune) becomes a task, so the loop never waits on tokenization, inference or a load. This module is also the one place where
-exceptions become error replies: every request gets exactly one reply.
+exceptions become error replies: every request gets exactly one reply (dropped and counted, never
+queued without bound, when its client is gone or does not read: backpressure.py).
 """
 
 from __future__ import annotations
