@@ -11,6 +11,7 @@ frames: a topic and a msgpack map. docs/protocol.md describes every field.
 from __future__ import annotations
 
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,10 @@ def decode_request(frame: bytes) -> Request:
     request_id = _request_id(body)
     version = body.get("v")
     if type(version) is not int or version != VERSION:
-        raise UnsupportedVersion(f"protocol version {version!r} is not supported; this daemon speaks v{VERSION}")
+        raise UnsupportedVersion(f"protocol version {brief(version)} is not supported; this daemon speaks v{VERSION}")
     op = body.get("op")
     if not isinstance(op, str) or op not in OP_FIELDS:
-        raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(OP_FIELDS)}")
+        raise BadRequest(f"unknown op {brief(op)}; known ops: {', '.join(OP_FIELDS)}")
     fields = {k: v for k, v in body.items() if k not in ("v", "id", "op")}
     _check_fields(op, fields)
     return Request(request_id, op, fields)
@@ -126,6 +127,16 @@ def _request_id(body: dict) -> str | int:
     return request_id
 
 
+def brief(value: Any) -> str:
+    """A request's value for an error message: repr cut short in length and depth (a value nested a thousand deep
+    would exceed the interpreter's recursion limit in plain repr)."""
+    return _BRIEF.repr(value)
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 80
+
+
 def is_utf8(text: str) -> bool:
     """False for strings holding lone surrogates, which stand for bytes that were not UTF-8."""
     try:
@@ -139,7 +150,7 @@ def _check_fields(op: str, fields: dict[str, Any]) -> None:
     allowed = OP_FIELDS[op]
     for name, value in fields.items():
         if name not in allowed:
-            raise BadRequest(f"op {op!r} has no field {name!r}; its fields are: {', '.join(allowed) or 'none'}")
+            raise BadRequest(f"op {op!r} has no field {brief(name)}; its fields are: {', '.join(allowed) or 'none'}")
         types = allowed[name]
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             expected = " or ".join("null" if t is _NONE else t.__name__ for t in types)

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 
+from .backpressure import raise_descriptor_limit
 from .engine import Engine
 from .memory import MemoryMonitor, process_rss, tune_malloc
 from .metrics import MetricsExporter
@@ -39,6 +40,7 @@ def run(settings: Settings) -> int:
 
 async def _serve(settings: Settings) -> int:
     tune_malloc()
+    log.info("open descriptors up to %d (each client connection holds one)", raise_descriptor_limit())
     # The runtime is the daemon's, not any one model's: loaded before the idle size is taken.
     import onnxruntime  # noqa: F401
 

@@ -22,6 +22,7 @@ from akidb_embed_client.errors import (BadRequest, EmbedError, InsufficientMemor
 from akidb_embed_client.protocol import AUTO_MODEL, is_utf8
 
 from . import __version__, routing
+from .backpressure import ReplyGate
 from .batcher import Embedded, Job
 from .catalog import Entry
 from .loader import LoadedModel
@@ -43,6 +44,7 @@ class Engine:
         self.settings = settings
         self.registry = registry
         self.started = time.time()
+        self.replies = ReplyGate()  # the server's replies, dropped and muted, for status
 
     def ops(self) -> dict[str, Callable[[dict[str, Any]], Outcome | Coroutine[Any, Any, Outcome]]]:
         """Each op of the protocol and what answers it: a coroutine for those that wait, else a function."""
@@ -225,6 +227,7 @@ class Engine:
                 "low_watermark": memory.low_watermark,
             },
             "evictions": snapshot.evictions,
+            **self.replies.describe(),
             "stats": {info["id"]: _traffic(info["stats"]) for info in described},
         }, None
 

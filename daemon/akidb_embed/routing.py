@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from akidb_embed_client.errors import BadRequest, NoModelFits
+from akidb_embed_client.protocol import brief
 
 from .manifest import Manifest
 
@@ -85,7 +86,7 @@ def parse_constraints(raw: dict[str, Any]) -> Constraints:
     for key, value in raw.items():
         types = CONSTRAINT_TYPES.get(key) if isinstance(key, str) else None
         if types is None:
-            raise BadRequest(f"constraints has no key {key!r}; known keys: {', '.join(CONSTRAINT_TYPES)}")
+            raise BadRequest(f"constraints has no key {brief(key)}; known keys: {', '.join(CONSTRAINT_TYPES)}")
         if isinstance(value, bool) or not isinstance(value, types):
             kind = "number" if types is _NUMBER else types[0].__name__
             raise BadRequest(f"constraints.{key} must be a {kind}, not {type(value).__name__}")
@@ -97,7 +98,7 @@ def parse_constraints(raw: dict[str, Any]) -> Constraints:
         raise BadRequest("constraints.languages must be a list of language codes such as [\"de\", \"en\"]")
     for key, allowed in (("task", TASKS), ("prefer", PREFERENCES)):
         if key in raw and raw[key] not in allowed:
-            raise BadRequest(f"constraints.{key} must be one of {', '.join(allowed)}, not {raw[key]!r}")
+            raise BadRequest(f"constraints.{key} must be one of {', '.join(allowed)}, not {brief(raw[key])}")
     return Constraints(**{**raw, "languages": tuple(language.lower() for language in languages)})
 
 

@@ -3,7 +3,8 @@
 Requests arrive as ``[identity, b"", request]`` (REQ clients; DEALER clients send the empty
 delimiter themselves). Cheap ops are answered inline; each op that waits (embed, load, pin,
 unload, tune) becomes a task, so the loop never waits on tokenization, inference or a load. This module is also the one place where
-exceptions become error replies: every request gets exactly one reply.
+exceptions become error replies: every request gets exactly one reply (dropped and counted, never
+queued without bound, when its client is gone or does not read: backpressure.py).
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ import zmq
 from akidb_embed_client import protocol
 from akidb_embed_client.errors import BadRequest, EmbedError, InternalError, ShuttingDown
 
+from .backpressure import configure_router
 from .engine import Engine
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
-# Past this a frame is refused by ZeroMQ itself (the peer is disconnected, no reply):
-# a safety net against memory exhaustion far above the byte limit that gets a clear error.
-HARD_FRAME_FACTOR = 16
 
 
 class SocketInUse(RuntimeError):
@@ -44,6 +43,7 @@ class Server:
             raise RuntimeError(f"ops without a handler or without a protocol entry: {self.ops.keys() ^ protocol.OP_FIELDS.keys()}")
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
+        self.replies = engine.replies
         self.tasks: set[asyncio.Task] = set()
         self.accepting = True
 
@@ -52,8 +52,7 @@ class Server:
         path = self.settings.socket
         path.parent.mkdir(parents=True, exist_ok=True)
         _claim(path)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, self.settings.limits.max_request_bytes * HARD_FRAME_FACTOR)
+        configure_router(self.socket, self.settings.limits)
         old_umask = os.umask(0o117)  # no window in which the socket is world-accessible
         try:
             self.socket.bind(f"ipc://{path}")
@@ -108,6 +107,7 @@ class Server:
                     f"the request is {len(body[0])} bytes; the limit is {self.settings.limits.max_request_bytes} "
                     "(limits.max_request_bytes): split the texts across requests"
                 )
+            self.replies.check(envelope)
             request = protocol.decode_request(body[0])
             outcome = self.ops[request.op](request.fields)
             if asyncio.iscoroutine(outcome):
@@ -138,11 +138,8 @@ class Server:
         self._receive()  # a send can swallow the descriptor's signal for requests that came meanwhile
 
     def _send(self, envelope: list[bytes], frames: list) -> None:
-        # ROUTER silently drops replies to peers that went away: a vanished client costs nothing.
-        try:
-            self.socket.send_multipart(envelope + frames, zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:
-            log.warning("reply dropped: %s", exc)
+        # Never blocks: a reply to a vanished or non-reading client is dropped and counted.
+        self.replies.send(self.socket, envelope, frames)
 
 
 def _error_frames(request_id: Any, op: str, exc: BaseException) -> list:
