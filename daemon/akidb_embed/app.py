@@ -8,6 +8,7 @@ pinned models reload in the background afterwards. systemd hears about each step
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -120,7 +121,11 @@ def _start_metrics_http(exporter: MetricsExporter) -> None:
     try:
         exporter.start_http()
     except OSError as exc:
-        log.error("metrics: cannot serve HTTP on %s (%s); set metrics.http to a free port", exporter.settings.http, exc)
+        if exc.errno == errno.EAFNOSUPPORT:  # the unit's RestrictAddressFamilies=AF_UNIX
+            fix = "allow AF_INET and AF_INET6 in a drop-in (RestrictAddressFamilies=, see the unit's comments)"
+        else:
+            fix = "set metrics.http to a free port"
+        log.error("metrics: cannot serve HTTP on %s (%s); %s", exporter.settings.http, exc, fix)
 
 
 def _tegrastats(settings: Settings) -> str | None:
