@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from .engine import Engine
+from .folders import check_cache_dir
 from .memory import MemoryMonitor, process_rss, tune_malloc
 from .metrics import MetricsExporter
 from .registry import Registry
@@ -50,6 +51,8 @@ async def _serve(settings: Settings) -> int:
     engine = Engine(settings, registry)
     server = Server(settings, engine)
     server.bind()  # first: a socket in use stops the daemon before any thread or child starts
+    registry.store.write()  # a full or read-only state folder is said at start, not at the first load
+    check_cache_dir(settings.cache_dir)
     registry.events.bind(settings.events_path, server.context)
     monitor.start()
 
@@ -109,6 +112,7 @@ async def _serve(settings: Settings) -> int:
     exporter.stop()
     watcher.stop()
     await registry.close()
+    registry.store.stop()
     registry.events.close()
     server.close()
     monitor.stop()
