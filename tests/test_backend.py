@@ -34,6 +34,15 @@ def test_chain_keeps_the_requested_order_with_tensorrt_options(tmp_path: Path) -
     assert chain[2][1] == {}
 
 
+def test_an_unusable_engine_cache_costs_the_cache_not_the_provider(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """cache_dir below a regular file: TensorRT keeps its options without the engine cache, and the log says why."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    chain = dict(provider_chain(["tensorrt", "cpu"], GPU_BUILD, blocker / "engines", MEMORY))
+    assert chain["TensorrtExecutionProvider"] == {"trt_fp16_enable": "True", "trt_max_workspace_size": str(94 * MIB)}
+    assert f"TensorRT engine cache {blocker / 'engines'} cannot be made" in caplog.text and "Not a directory" in caplog.text
+
+
 def test_gpu_memory_is_bounded_by_the_models_charge(tmp_path: Path) -> None:
     """No GPU runs these options here: the test checks what the daemon hands ONNX Runtime.
 

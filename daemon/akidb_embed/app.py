@@ -8,6 +8,7 @@ pinned models reload in the background afterwards. systemd hears about each step
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from collections.abc import Callable
 
 from .backpressure import raise_descriptor_limit
 from .engine import Engine
+from .folders import check_cache_dir
 from .memory import MemoryMonitor, process_rss, tune_malloc
 from .metrics import MetricsExporter
 from .registry import Registry
@@ -51,6 +53,8 @@ async def _serve(settings: Settings) -> int:
     engine = Engine(settings, registry)
     server = Server(settings, engine)
     server.bind()  # first: a socket in use stops the daemon before any thread or child starts
+    registry.store.write()  # a full or read-only state folder is said at start, not at the first load
+    check_cache_dir(settings.cache_dir)
     registry.events.bind(settings.events_path, server.context)
     monitor.start()
 
@@ -110,6 +114,7 @@ async def _serve(settings: Settings) -> int:
     exporter.stop()
     watcher.stop()
     await registry.close()
+    registry.store.stop()
     registry.events.close()
     server.close()
     monitor.stop()
@@ -122,7 +127,11 @@ def _start_metrics_http(exporter: MetricsExporter) -> None:
     try:
         exporter.start_http()
     except OSError as exc:
-        log.error("metrics: cannot serve HTTP on %s (%s); set metrics.http to a free port", exporter.settings.http, exc)
+        if exc.errno == errno.EAFNOSUPPORT:  # the unit's RestrictAddressFamilies=AF_UNIX
+            fix = "allow AF_INET and AF_INET6 in a drop-in (RestrictAddressFamilies=, see the unit's comments)"
+        else:
+            fix = "set metrics.http to a free port"
+        log.error("metrics: cannot serve HTTP on %s (%s); %s", exporter.settings.http, exc, fix)
 
 
 def _tegrastats(settings: Settings) -> str | None:

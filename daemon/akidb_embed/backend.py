@@ -93,10 +93,17 @@ def provider_options(name: str, engine_cache: Path, memory: DeviceMemory) -> dic
         return {"arena_extend_strategy": "kSameAsRequested", "gpu_mem_limit": str(memory.limit)}
     if name != "tensorrt":
         return {}
-    engine_cache.mkdir(parents=True, exist_ok=True)
-    return {
+    options = {
         "trt_fp16_enable": "True",
         "trt_max_workspace_size": str(memory.work),  # TensorRT's scratch memory is the working budget
+    }
+    try:
+        engine_cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # an unusable cache_dir (said at start) costs the cache, not the provider
+        log.warning("TensorRT engine cache %s cannot be made (%s): engines are built again at this load", engine_cache, exc)
+        return options
+    return {
+        **options,
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(engine_cache),
         "trt_timing_cache_enable": "True",

@@ -47,6 +47,7 @@ class Upkeep:
         self.expire_idle()
         self.measure_growth()
         self.relieve_pressure()
+        self.registry.store.retry()  # a state write that failed (full disk) is tried again until it works
 
     def measure_growth(self) -> None:
         """Set ``registry.unaccounted`` to what the daemon holds beyond its models' charges."""
