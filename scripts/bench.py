@@ -41,6 +41,7 @@ from akidb_embed.memory import MIB, MemoryMonitor  # noqa: E402
 from akidb_embed.registry import Registry  # noqa: E402
 from akidb_embed.settings import load_settings  # noqa: E402
 from akidb_embed.state import StateStore  # noqa: E402
+from akidb_embed.tenancy import Caller  # noqa: E402
 from akidb_embed_client import Client  # noqa: E402
 from akidb_embed_client.errors import UnknownModel  # noqa: E402
 from bench_memory import memory_columns, print_memory_table  # noqa: E402
@@ -204,12 +205,13 @@ def routing_overhead_us(catalog: Path, model_id: str, rounds: int = 20000) -> fl
             registry = Registry(settings, MemoryMonitor(None), StateStore(Path(state)))
             registry.scan()
             engine = Engine(settings, registry)
+            caller = Caller(engine.tenants.main)
             registry.release(await registry.acquire(model_id))  # loaded outside the timing
             fields = {"texts": ["a routed request"], "model": model_id}
             started = time.perf_counter()
             for _ in range(rounds):
                 model = await registry.acquire(engine._checked_texts(fields["texts"]) and fields["model"])
-                engine._job(model.manifest, fields["texts"], fields, time.monotonic())
+                engine._job(model.manifest, fields["texts"], fields, time.monotonic(), caller)
                 registry.release(model, 1)
             elapsed = time.perf_counter() - started
             await registry.close()

@@ -22,6 +22,7 @@ from .registry import Registry
 from .server import Server
 from .settings import Settings
 from .state import StateStore
+from .tenancy import Caller
 from .upkeep import Upkeep, warm_start
 from .systemd import Notifier, status_line
 from .watcher import CatalogWatcher, model_directories
@@ -55,7 +56,7 @@ async def _serve(settings: Settings) -> int:
     phase = "serving"  # "stopping" once the drain begins
 
     def describe() -> str:
-        return status_line(engine.status({})[0], phase)
+        return status_line(engine.status({}, Caller(engine.tenants.main))[0], phase)
 
     def report() -> None:
         """Tell systemd what is loaded, the memory and the requests in flight (if that changed)."""
