@@ -90,7 +90,7 @@ async def _serve(settings: Settings) -> int:
     # Bound and scanned: requests are answered from here on (ZeroMQ queues them until serve() reads).
     notifier.ready(describe())
     log.info("ready (pid %d, default model %s, memory from %s)", os.getpid(), registry.default_id(), monitor.source)
-    exporter = MetricsExporter(settings, registry, engine.started)
+    exporter = MetricsExporter(settings, registry, engine.tenants, engine.started)
     _start_metrics_http(exporter)
     background.append(asyncio.ensure_future(exporter.run()))  # the first textfile now: every series from the start
     warm = asyncio.ensure_future(warm_start(registry))

@@ -104,10 +104,10 @@ class Engine:
 
     def _entry(self, caller: Caller, model_id: str | None) -> Entry:
         """The registry's entry for a model the caller's tenant may use (None: the default model)."""
-        model_id = model_id if model_id is not None else self.registry.default_id()
-        if model_id is not None:
-            self.tenants.check_model(caller, model_id, self.registry.entries)
-        return self.registry.entry(model_id)
+        chosen = model_id if model_id is not None else self.registry.default_id()
+        if chosen is not None:
+            self.tenants.check_model(caller, chosen, self.registry.entries, named=model_id is not None)
+        return self.registry.entry(chosen)
 
     def _routed(self, fields: dict[str, Any], caller: Caller) -> tuple[dict[str, Any], routing.Choice | None]:
         """The request with the model ``auto`` chose (and the task's prompt, the Matryoshka dimensions), and the

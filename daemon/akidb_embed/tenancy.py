@@ -76,12 +76,14 @@ class Tenants:
         self.all = (self.main, *settings.tenants)
         self.usage = {tenant.name: Usage() for tenant in self.all}
 
-    def check_model(self, caller: Caller, model_id: str, known: Iterable[str]) -> None:
-        """unknown_model for a model the tenant may not see, listing only those it may."""
+    def check_model(self, caller: Caller, model_id: str, known: Iterable[str], named: bool = True) -> None:
+        """unknown_model for a model the tenant may not see (``named``: asked for, not the default), listing only
+        those it may."""
         if sees(caller.tenant, model_id):
             return
         listed = ", ".join(sorted(visible(caller.tenant, known))) or "none"
-        raise UnknownModel(f"no model {model_id!r} for tenant {caller.tenant.name} (models: {listed})")
+        what = f"no model {model_id!r}" if named else "no model given and no default model"
+        raise UnknownModel(f"{what} for tenant {caller.tenant.name}; name one of its models: {listed}")
 
     def check_op(self, caller: Caller, op: str) -> None:
         """not_allowed for a cache op the tenant may not use."""
