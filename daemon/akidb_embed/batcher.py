@@ -24,7 +24,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 from akidb_embed_client.errors import EmbedError, InputTooLong, InternalError, Overloaded, ShuttingDown
@@ -32,10 +31,11 @@ from akidb_embed_client.errors import EmbedError, InputTooLong, InternalError, O
 from . import pooling
 from .backend import Backend
 from .fairqueue import FairQueue
+from .jobs import Embedded, Job, Pending, Row
 from .footprint import Footprint
 from .memory import MIB, trim_heap
 from .settings import Limits
-from .tokenize import TextEncoder, Tokens
+from .tokenize import TextEncoder
 from .workmem import GUARD, METER, BatchRule, Reading
 
 log = logging.getLogger(__name__)
@@ -44,54 +44,11 @@ log = logging.getLogger(__name__)
 # of a burst would fault all of it in again.
 IDLE_TRIM_SECONDS = 1.0
 # While owners contend, a batch costs at most this many runs' fixed cost (tuning.run_cost_tokens) in padded
-# tokens: the fixed cost stays a twentieth of the work (MiniLM on 2 cores: 220 tokens, ~25 ms).
+# tokens, so the fixed cost stays a twentieth of the work; and at least FAIR_SLICE_MIN_TOKENS, for the
+# per-batch work outside the run (padding, pooling, hand-back) and a run cost measured as 0 on a busy machine.
 FAIR_SLICE_RUNS = 20
+FAIR_SLICE_MIN_TOKENS = 256
 CONTENDED_SECONDS = 1.0  # owners served this recently count as contending
-
-
-@dataclass(frozen=True)
-class Embedded:
-    """A finished job: one vector per text, in input order, and each text's token count."""
-
-    vectors: np.ndarray
-    tokens: list[int]
-
-
-@dataclass
-class Job:
-    """One embed request, prompt already applied; settled exactly once through ``future``."""
-
-    texts: list[str]
-    future: asyncio.Future
-    truncate: bool = True
-    normalize: bool = True
-    dimensions: int | None = None
-    deadline: float = float("inf")  # time.monotonic() after which nobody waits for it
-    owner: Hashable = None  # whose share of the model it runs in (tenancy.Caller.owner)
-    weight: float = 1.0  # its owner's weight in the fair queue
-    tokens: list[int] = field(default_factory=list)
-    # time.monotonic() when it was queued, when its first text was taken, and done: its queue wait and inference time
-    queued: float = 0.0
-    started: float = 0.0
-    finished: float = 0.0
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A job whose texts are in the fair queue: its vectors so far and what is left."""
-
-    job: Job
-    outputs: np.ndarray
-    left: int
-    error: EmbedError | None = None
-    done: bool = False  # settled, or past caring: its remaining rows are dropped
-
-
-@dataclass(frozen=True)
-class _Row:
-    pending: _Pending
-    index: int
-    tokens: Tokens
 
 
 class Batcher:
@@ -113,7 +70,7 @@ class Batcher:
         tuning = footprint.tuning  # measured for this model on this machine
         self.batch_cost_tokens = tuning.run_cost_tokens
         self.rule = BatchRule(limits.max_batch, min(limits.batch_tokens, tuning.batch_tokens), footprint.cost, footprint.work)
-        self.slice_tokens = min(self.rule.max_tokens, max(1, FAIR_SLICE_RUNS * tuning.run_cost_tokens))
+        self.slice_tokens = min(self.rule.max_tokens, max(FAIR_SLICE_MIN_TOKENS, FAIR_SLICE_RUNS * tuning.run_cost_tokens))
         self.encoder = encoder
         self.backend = backend
         self.pooling = pooling_mode
@@ -122,7 +79,7 @@ class Batcher:
         self.peak_seen = 0  # bytes: the largest batch measured running alone
         self.loop = loop
         self._inbox: deque[Job] = deque()  # submitted, not yet tokenized
-        self._fair: FairQueue[_Row] = FairQueue()  # the worker's own
+        self._fair: FairQueue[Row] = FairQueue()  # the worker's own
         self._last_served: dict[Hashable, float] = {}  # owner -> time.monotonic() its texts last ran (worker's own)
         self._queued_texts = 0
         self.batches_run = 0  # inference batches; fewer than requests when requests share batches
@@ -202,8 +159,8 @@ class Batcher:
                 self._dequeued(len(job.texts))
                 continue
             job.tokens = [len(t.ids) for t in mine]
-            pending = _Pending(job, np.empty((len(job.texts), self.dimension), np.float32), len(job.texts))
-            rows = sorted((_Row(pending, i, t) for i, t in enumerate(mine)), key=lambda r: len(r.tokens.ids))
+            pending = Pending(job, np.empty((len(job.texts), self.dimension), np.float32), len(job.texts))
+            rows = sorted((Row(pending, i, t) for i, t in enumerate(mine)), key=lambda r: len(r.tokens.ids))
             self._fair.add(job.owner, job.weight, [(len(r.tokens.ids), r) for r in rows])
         self._settle(refused)
 
@@ -211,14 +168,14 @@ class Batcher:
         with self._wakeup:
             self._queued_texts -= texts
 
-    def _next_batch(self, involved: list[Job]) -> list[_Row]:
+    def _next_batch(self, involved: list[Job]) -> list[Row]:
         """The rows to run next, in fair order: up to max_batch; while owners contend, one slice's batch."""
         now = time.monotonic()
         recent = {owner for owner, t in self._last_served.items() if now - t < CONTENDED_SECONDS}
         contended = len(recent | self._fair.owners()) > 1
         rows, longest = 0, 0
 
-        def accept(row: _Row) -> bool:
+        def accept(row: Row) -> bool:
             nonlocal rows, longest
             if row.pending.done:
                 return True  # dropped below, free
@@ -249,7 +206,7 @@ class Batcher:
         self._last_served = {owner: self._last_served[owner] for owner in recent | {r.pending.job.owner for r in live}}
         return live
 
-    def _serve(self, batch: list[_Row]) -> None:
+    def _serve(self, batch: list[Row]) -> None:
         """Run the rows, sorted by length and cut by the rule and the padding, and settle each job whose last
         row ran."""
         batch.sort(key=lambda r: len(r.tokens.ids))
@@ -273,7 +230,7 @@ class Batcher:
             "shorten it, split it, or send truncate=true"
         )
 
-    def _run_batch(self, batch: list[_Row]) -> None:
+    def _run_batch(self, batch: list[Row]) -> None:
         padded = self.encoder.pad([r.tokens for r in batch])
         self.batches_run += 1
         try:

@@ -11,7 +11,6 @@ dispatches through.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -21,12 +20,11 @@ from akidb_embed_client.errors import (BadRequest, EmbedError, InsufficientMemor
                                       ModelUnavailable, Overloaded)
 from akidb_embed_client.protocol import AUTO_MODEL, is_utf8
 
-from . import __version__, routing
+from . import __version__, report, routing
 from .batcher import Embedded, Job
 from .catalog import Entry
 from .loader import LoadedModel
 from .manifest import Manifest
-from .memory import MIB
 from .profile import LATENCY_TEXTS
 from .registry import Registry
 from .settings import Settings
@@ -228,54 +226,19 @@ class Engine:
         """The catalog as the caller's tenant sees it: each of its manifests with its state, and the tenant's
         figures; with ``constraints``, also the models that meet them, best first (the first is what ``auto``
         would choose now), and why each other one does not."""
-        models, default = self._seen(caller)
-        reply = {"models": models, "default": default, "tenants": self.tenants.figures(caller)}
+        seen = self._seen(caller)
+        reply = {"models": seen.models, "default": seen.default, "tenants": self.tenants.figures(caller)}
         if fields.get("constraints") is not None:
             fitting, rejected = routing.rank(self._candidates(caller), routing.parse_constraints(fields["constraints"]))
             reply["fits"] = {"fitting": [{"id": c.model, **c.describe()} for c in fitting], "rejected": rejected}
         return reply, None
 
-    def _seen(self, caller: Caller) -> tuple[list[dict[str, Any]], str | None]:
-        """The models the caller's tenant sees, described, and the default model if it is one of them."""
-        snapshot = self.registry.snapshot()
-        models = visible(caller.tenant, snapshot.models, lambda info: info["id"])
-        return models, snapshot.default if snapshot.default in {info["id"] for info in models} else None
+    def _seen(self, caller: Caller) -> report.Seen:
+        return report.seen(self.registry.snapshot(), caller.tenant)
 
     def status(self, fields: dict[str, Any], caller: Caller) -> Outcome:
-        """Daemon-wide figures as the caller's tenant sees them: uptime, its models by state, their queues,
-        memory and the budget, and the tenants' figures (the main socket's caller sees every tenant's)."""
-        snapshot = self.registry.snapshot()
-        described, default = self._seen(caller)
-        states: dict[str, int] = {}
-        for info in described:
-            states[info["state"]] = states.get(info["state"], 0) + 1
-        memory = self.settings.memory
-        loaded = [info for info in described if info["state"] == "ready"]
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started, 1),
-            "socket": str(caller.tenant.socket),
-            "tenant": caller.tenant.name,
-            "catalog": str(self.settings.catalog),
-            "default_model": default,
-            "models": states,
-            "queued_texts": sum(info.get("queued_texts", 0) for info in described),
-            "in_flight": sum(info.get("in_flight", 0) for info in described),
-            "memory": snapshot.memory,
-            "budget": {
-                "model_memory_mb": memory.model_memory_mb,
-                "max_loaded_models": memory.max_loaded_models,
-                "loaded_models": len(loaded),
-                "loaded_memory_mb": round(float(sum(info["memory_mb"] for info in loaded)), 1),
-                "unaccounted_mb": round(snapshot.unaccounted / MIB, 1),
-                "high_watermark": memory.high_watermark,
-                "low_watermark": memory.low_watermark,
-            },
-            "evictions": snapshot.evictions,
-            "stats": {info["id"]: _traffic(info["stats"]) for info in described},
-            "tenants": self.tenants.figures(caller),
-        }, None
+        """Daemon-wide figures as the caller's tenant sees them (``report.reply``)."""
+        return report.reply(self.settings, self.started, self._seen(caller), caller.tenant, self.tenants.figures(caller)), None
 
     def ping(self, fields: dict[str, Any], caller: Caller) -> Outcome:
         return {"pong": True, "version": __version__}, None
@@ -336,9 +299,3 @@ def _same_width(requested: Manifest, fallback: Manifest, dimensions: int | None)
     if dimensions is None:
         return fallback.dimension == requested.dimension
     return all(dimensions in (m.dimension, *m.matryoshka_dimensions) for m in (requested, fallback))
-
-
-def _traffic(stats: dict[str, Any]) -> dict[str, Any]:
-    """A model's live figures in brief, for ``status``: the counters and rates, and the p95 end to end."""
-    brief = {key: stats[key] for key in ("requests", "texts", "qps", "texts_per_s", "hit_rate")}
-    return {**brief, "errors": sum(stats["errors"].values()), "p95_ms": stats["latency_ms"]["total"]["p95"]}
