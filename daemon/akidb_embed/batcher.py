@@ -159,7 +159,7 @@ class Batcher:
                 self._dequeued(len(job.texts))
                 continue
             job.tokens = [len(t.ids) for t in mine]
-            pending = Pending(job, np.empty((len(job.texts), self.dimension), np.float32), len(job.texts))
+            pending = Pending(job, self.dimension, len(job.texts))
             rows = sorted((Row(pending, i, t) for i, t in enumerate(mine)), key=lambda r: len(r.tokens.ids))
             self._fair.add(job.owner, job.weight, [(len(r.tokens.ids), r) for r in rows])
         self._settle(refused)
@@ -244,7 +244,7 @@ class Batcher:
                 r.pending.error = InternalError(f"inference failed on {self.name}: {exc}")
             return
         for r, vector in zip(batch, vectors):
-            r.pending.outputs[r.index] = vector
+            r.pending.put(r.index, vector)
 
     def _note_peak(self, reading: Reading, shape: tuple[int, ...]) -> None:
         """Keep the largest peak; one over the budget means the cost model is wrong: say so."""

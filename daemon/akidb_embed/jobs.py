@@ -48,10 +48,16 @@ class Pending:
     """A job whose texts are in the fair queue: its vectors so far and what is left."""
 
     job: Job
-    outputs: np.ndarray
-    left: int
+    dimension: int
+    left: int  # rows not yet run
+    outputs: np.ndarray | None = None  # allocated at its first vector: a queued job holds only its tokens
     error: EmbedError | None = None
     done: bool = False  # settled, or past caring: its remaining rows are dropped
+
+    def put(self, index: int, vector: np.ndarray) -> None:
+        if self.outputs is None:
+            self.outputs = np.empty((len(self.job.texts), self.dimension), np.float32)
+        self.outputs[index] = vector
 
 
 @dataclass(frozen=True)
