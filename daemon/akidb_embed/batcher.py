@@ -2,18 +2,18 @@
 
 Requests from any number of clients queue here as ``Job``s. The worker thread tokenizes each new
 job and queues its texts, shortest first, under the job's owner (tenant and client) in a
-weighted fair queue (``fairqueue``): each batch is filled in fair order, not first-in first-out,
-so one client's single query never waits behind all of another's 256-text request. A batch takes
-texts while its padded size stays within the token budget, its rows within ``max_batch`` and its
-working memory (``workmem`` cost model: long texts get fewer rows) within the model's budget;
-while more than one owner was served in the last ``CONTENDED_SECONDS``, it also stays within
-``FAIR_SLICE_RUNS`` runs' fixed cost (``slice_tokens``), which bounds how long a newcomer waits
-for the batch under way at a few percent of throughput (measured: scripts/bench.py fairness).
-The texts taken are sorted by length and cut where padding costs more than another run. Each job
-gets its vectors, in input order, on the event loop once its last text ran. A failing batch
-fails only the jobs that had texts in it; the thread logs and carries on. Each batch that runs
-alone in the process has its peak measured; a second after the last one, the freed heap goes
-back to the system.
+weighted fair queue (``fairqueue``), so one client's single query never waits behind all of
+another's 256-text request. Each round takes texts in fair order: up to ``max_batch`` of them
+while one owner has the model to itself; while more than one owner was served in the last
+``CONTENDED_SECONDS`` or is waiting, only as many as make one batch within the fair slice
+(``slice_tokens`` padded tokens, ``FAIR_SLICE_RUNS`` runs' fixed cost), which bounds how long a
+newcomer waits for the round under way. A round's texts are sorted by length and cut into
+batches whose padded size stays within the token budget, whose working memory (``workmem`` cost
+model: long texts get fewer rows) stays within the model's budget, and where padding costs less
+than another run. Each job gets its vectors, in input order, on the event loop once its last
+text ran. A failing batch fails only the jobs that had texts in it; the thread logs and carries
+on. Each batch that runs alone in the process has its peak measured; a second after the last
+one, the freed heap goes back to the system.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from akidb_embed_client.errors import EmbedError, InputTooLong, InternalError, O
 from . import pooling
 from .backend import Backend
 from .fairqueue import FairQueue
-from .jobs import Embedded, Job, Pending, Row
 from .footprint import Footprint
+from .jobs import Embedded, Job, Pending, Row
 from .memory import MIB, trim_heap
 from .settings import Limits
 from .tokenize import TextEncoder

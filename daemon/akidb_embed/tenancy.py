@@ -11,7 +11,7 @@ model's fair queue (``fairqueue``). Everything here runs on the event loop.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -63,8 +63,8 @@ def sees(tenant: Tenant, model_id: str) -> bool:
     return any(fnmatchcase(model_id, pattern) for pattern in tenant.models)
 
 
-def visible(tenant: Tenant, items: Iterable[T], model_id: Any = lambda item: item) -> list[T]:
-    """The items (models, candidates, ids) whose model the tenant sees."""
+def visible(tenant: Tenant, items: Iterable[T], model_id: Callable[[T], str] = str) -> list[T]:
+    """The items (models, candidates, ids) whose model the tenant sees; ``model_id`` finds an item's."""
     return [item for item in items if sees(tenant, model_id(item))]
 
 
