@@ -53,7 +53,6 @@ class Server:
         self.tenants: dict[zmq.Socket, Tenant] = {
             self.context.socket(zmq.ROUTER): tenant for tenant in (engine.tenants.main, *settings.tenants)
         }
-        self.socket = next(iter(self.tenants))  # the main socket
         self.tasks: set[asyncio.Task] = set()
         self.accepting = True
 
