@@ -10,9 +10,11 @@ cache: loads, hot-add, routing overhead and RSS around a load/unload.
 memory: the daemon's resident size beside the footprint it charges a model and, given --before-src
 (another checkout), the same figures and throughput of that daemon.
 stats: what keeping the live statistics costs, as a share of the busiest request rate.
+fairness: one tenant's single-text p95 while another streams 256-text requests, against idle; the total
+rate against the bulk tenant alone.
 All figures, with the CPU, versions and date, also go to --json (default build/bench.json).
 Usage: scripts/bench.py --catalog .dev/models.d [CATALOG ...] [--model ID] [--texts 1000] [--rounds 3]
-       [--sections speed cache memory stats] [--st-model DIR] [--before-src DIR] [--json PATH]
+       [--sections speed cache memory stats fairness] [--st-model DIR] [--before-src DIR] [--json PATH]
 --texts defaults to 1000 fortunes, chosen to keep the speed section with two catalogs under 10 minutes
 on 2 cores (2000 is too slow there). scripts/dev.sh creates the catalog .dev/models.d.
 """
@@ -41,8 +43,10 @@ from akidb_embed.memory import MIB, MemoryMonitor  # noqa: E402
 from akidb_embed.registry import Registry  # noqa: E402
 from akidb_embed.settings import load_settings  # noqa: E402
 from akidb_embed.state import StateStore  # noqa: E402
+from akidb_embed.tenancy import Caller  # noqa: E402
 from akidb_embed_client import Client  # noqa: E402
 from akidb_embed_client.errors import UnknownModel  # noqa: E402
+from bench_fairness import fairness_section  # noqa: E402
 from bench_memory import memory_columns, print_memory_table  # noqa: E402
 from bench_speed import speed_section, st_source  # noqa: E402
 from bench_stats import stats_section  # noqa: E402
@@ -50,7 +54,7 @@ from benchutil import BULK, manifest_precision, p50, package_version, progress, 
 from daemon_process import run_daemon  # noqa: E402
 from fortunes import fortune_sentences  # noqa: E402
 
-SECTIONS = ("speed", "cache", "memory", "stats")
+SECTIONS = ("speed", "cache", "memory", "stats", "fairness")
 DEFAULT_MODEL = "all-minilm-l6-v2"
 
 
@@ -98,6 +102,10 @@ def main() -> int:
     if "stats" in args.sections:
         catalog, manifest = catalogs[0]
         report["stats"] = stats_section(catalog, manifest, fortune_sentences(args.texts))
+        save(report, args.json)
+    if "fairness" in args.sections:
+        catalog, manifest = catalogs[0]
+        report["fairness"] = fairness_section(catalog, manifest, fortune_sentences(args.texts))
         save(report, args.json)
     return 0
 
@@ -204,12 +212,13 @@ def routing_overhead_us(catalog: Path, model_id: str, rounds: int = 20000) -> fl
             registry = Registry(settings, MemoryMonitor(None), StateStore(Path(state)))
             registry.scan()
             engine = Engine(settings, registry)
+            caller = Caller(engine.tenants.main)
             registry.release(await registry.acquire(model_id))  # loaded outside the timing
             fields = {"texts": ["a routed request"], "model": model_id}
             started = time.perf_counter()
             for _ in range(rounds):
                 model = await registry.acquire(engine._checked_texts(fields["texts"]) and fields["model"])
-                engine._job(model.manifest, fields["texts"], fields, time.monotonic())
+                engine._job(model.manifest, fields["texts"], fields, time.monotonic(), caller)
                 registry.release(model, 1)
             elapsed = time.perf_counter() - started
             await registry.close()

@@ -66,13 +66,20 @@ def _toml(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _is_tables(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def write_config(path: Path, settings: dict[str, Any]) -> None:
-    """A daemon config file: top-level keys, then one [table] per dict value."""
-    lines = [f"{k} = {_toml(v)}" for k, v in settings.items() if not isinstance(v, dict)]
+    """A daemon config file: top-level keys, then one [table] per dict value and one [[table]] per dict in a list."""
+    lines = [f"{k} = {_toml(v)}" for k, v in settings.items() if not isinstance(v, dict) and not _is_tables(v)]
     for table, values in settings.items():
         if isinstance(values, dict):
             lines.append(f"\n[{table}]")
             lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        for entry in values if _is_tables(values) else []:
+            lines.append(f"\n[[{table}]]")
+            lines += [f"{k} = {_toml(v)}" for k, v in entry.items()]
     path.write_text("\n".join(lines) + "\n")
 
 

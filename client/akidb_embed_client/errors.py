@@ -71,6 +71,12 @@ class Overloaded(EmbedError):
     code = "overloaded"
 
 
+class NotAllowed(EmbedError):
+    """The socket's tenant may not use this op (a cache op its ``cache_ops`` leave out)."""
+
+    code = "not_allowed"
+
+
 class InsufficientMemory(EmbedError):
     code = "insufficient_memory"
 
@@ -100,6 +106,7 @@ ERROR_CLASSES: dict[str, type[EmbedError]] = {
         NoModelFits,
         InputTooLong,
         Overloaded,
+        NotAllowed,
         InsufficientMemory,
         ShuttingDown,
         InternalError,

@@ -47,11 +47,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(settings.log_level)
     from . import app
-    from .server import SocketInUse
+    from .server import BindError
 
     try:
         return app.run(settings)
-    except SocketInUse as exc:
+    except BindError as exc:
         log.error("%s", exc)
         return 1
 

@@ -25,6 +25,7 @@ from .registry import Registry
 from .server import Server
 from .settings import Settings
 from .state import StateStore
+from .tenancy import Caller
 from .upkeep import Upkeep, warm_start
 from .systemd import Notifier, status_line
 from .watcher import CatalogWatcher, model_directories
@@ -61,7 +62,7 @@ async def _serve(settings: Settings) -> int:
     phase = "serving"  # "stopping" once the drain begins
 
     def describe() -> str:
-        return status_line(engine.status({})[0], phase)
+        return status_line(engine.status({}, Caller(engine.tenants.main))[0], phase)
 
     def report() -> None:
         """Tell systemd what is loaded, the memory and the requests in flight (if that changed)."""
@@ -95,7 +96,7 @@ async def _serve(settings: Settings) -> int:
     # Bound and scanned: requests are answered from here on (ZeroMQ queues them until serve() reads).
     notifier.ready(describe())
     log.info("ready (pid %d, default model %s, memory from %s)", os.getpid(), registry.default_id(), monitor.source)
-    exporter = MetricsExporter(settings, registry, engine.started)
+    exporter = MetricsExporter(settings, registry, engine.tenants, engine.started)
     _start_metrics_http(exporter)
     background.append(asyncio.ensure_future(exporter.run()))  # the first textfile now: every series from the start
     warm = asyncio.ensure_future(warm_start(registry))

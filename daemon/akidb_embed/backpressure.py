@@ -74,11 +74,12 @@ class ReplyGate:
 
     def __init__(self) -> None:
         self.dropped = {PEER_GONE: 0, NOT_READING: 0}
-        self._muted: OrderedDict[bytes, None] = OrderedDict()
+        # By socket and identity: each tenant's ROUTER numbers its peers alike.
+        self._muted: OrderedDict[tuple[zmq.Socket, bytes], None] = OrderedDict()
 
-    def check(self, envelope: list[bytes]) -> None:
+    def check(self, socket: zmq.Socket, envelope: list[bytes]) -> None:
         """Overloaded if the requesting peer left its earlier replies unread: its request must not be run."""
-        if envelope[0] in self._muted:
+        if (socket, envelope[0]) in self._muted:
             raise Overloaded(
                 f"this connection left {REPLY_HWM} replies unread, so its requests are not run: read the replies "
                 "of the requests you send, then send again"
@@ -86,7 +87,7 @@ class ReplyGate:
 
     def send(self, socket: zmq.Socket, envelope: list[bytes], frames: list) -> None:
         """Queue one reply; a reply to a gone peer, or to a full queue, is dropped and counted."""
-        peer = envelope[0]
+        peer = (socket, envelope[0])
         try:
             self._queue(socket, peer, envelope + frames)
         except zmq.Again:
@@ -101,7 +102,7 @@ class ReplyGate:
         else:
             self._muted.pop(peer, None)
 
-    def _queue(self, socket: zmq.Socket, peer: bytes, message: list) -> None:
+    def _queue(self, socket: zmq.Socket, peer: tuple[zmq.Socket, bytes], message: list) -> None:
         """Queue without waiting; a full queue of a peer not muted gets GRACE_MS to drain (zmq.Again if not)."""
         try:
             socket.send_multipart(message, zmq.NOBLOCK, copy=False)

@@ -1,12 +1,19 @@
 """Per-model queue and batching: the one thread that runs a model's ONNX session.
 
-Requests from any number of clients queue here as ``Job``s. The worker thread takes what is
-waiting (up to ``max_batch`` texts), tokenizes it, sorts the texts by length, cuts batches
-whose working memory (``workmem`` cost model: long texts get fewer rows) stays within the
-model's budget and whose padded size stays within the token budget, runs them, pools, and
-hands each job its vectors in input order on the event loop. A failing batch fails only the
-jobs that had texts in it; the thread logs and carries on. Each batch that runs alone in the
-process has its peak measured; a second after the last one, the freed heap goes back to the system.
+Requests from any number of clients queue here as ``Job``s. The worker thread tokenizes each new
+job and queues its texts, shortest first, under the job's owner (tenant and client) in a
+weighted fair queue (``fairqueue``), so one client's single query never waits behind all of
+another's 256-text request. Each round takes texts in fair order: up to ``max_batch`` of them
+while one owner has the model to itself; while more than one owner was served in the last
+``CONTENDED_SECONDS`` or is waiting, only as many as make one batch within the fair slice
+(``slice_tokens`` padded tokens, ``FAIR_SLICE_RUNS`` runs' fixed cost), which bounds how long a
+newcomer waits for the round under way. A round's texts are sorted by length and cut into
+batches whose padded size stays within the token budget, whose working memory (``workmem`` cost
+model: long texts get fewer rows) stays within the model's budget, and where padding costs less
+than another run. Each job gets its vectors, in input order, on the event loop once its last
+text ran. A failing batch fails only the jobs that had texts in it; the thread logs and carries
+on. Each batch that runs alone in the process has its peak measured; a second after the last
+one, the freed heap goes back to the system.
 """
 
 from __future__ import annotations
@@ -16,18 +23,19 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterator
 
 import numpy as np
 from akidb_embed_client.errors import EmbedError, InputTooLong, InternalError, Overloaded, ShuttingDown
 
 from . import pooling
 from .backend import Backend
+from .fairqueue import FairQueue
 from .footprint import Footprint
+from .jobs import Embedded, Job, Pending, Row
 from .memory import MIB, trim_heap
 from .settings import Limits
-from .tokenize import TextEncoder, Tokens
+from .tokenize import TextEncoder
 from .workmem import GUARD, METER, BatchRule, Reading
 
 log = logging.getLogger(__name__)
@@ -35,38 +43,12 @@ log = logging.getLogger(__name__)
 # A model idle this long hands its batches' memory back. Not after every batch: the next request
 # of a burst would fault all of it in again.
 IDLE_TRIM_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class Embedded:
-    """A finished job: one vector per text, in input order, and each text's token count."""
-
-    vectors: np.ndarray
-    tokens: list[int]
-
-
-@dataclass
-class Job:
-    """One embed request, prompt already applied; settled exactly once through ``future``."""
-
-    texts: list[str]
-    future: asyncio.Future
-    truncate: bool = True
-    normalize: bool = True
-    dimensions: int | None = None
-    deadline: float = float("inf")  # time.monotonic() after which nobody waits for it
-    tokens: list[int] = field(default_factory=list)
-    # time.monotonic() when it was queued, taken by the worker, and done: its queue wait and inference time
-    queued: float = 0.0
-    started: float = 0.0
-    finished: float = 0.0
-
-
-@dataclass(frozen=True)
-class _Row:
-    job: int
-    index: int
-    tokens: Tokens
+# While owners contend, a batch costs at most this many runs' fixed cost (tuning.run_cost_tokens) in padded
+# tokens, so the fixed cost stays a twentieth of the work; and at least FAIR_SLICE_MIN_TOKENS, for the
+# per-batch work outside the run (padding, pooling, hand-back) and a run cost measured as 0 on a busy machine.
+FAIR_SLICE_RUNS = 20
+FAIR_SLICE_MIN_TOKENS = 256
+CONTENDED_SECONDS = 1.0  # owners served this recently count as contending
 
 
 class Batcher:
@@ -88,6 +70,7 @@ class Batcher:
         tuning = footprint.tuning  # measured for this model on this machine
         self.batch_cost_tokens = tuning.run_cost_tokens
         self.rule = BatchRule(limits.max_batch, min(limits.batch_tokens, tuning.batch_tokens), footprint.cost, footprint.work)
+        self.slice_tokens = min(self.rule.max_tokens, max(FAIR_SLICE_MIN_TOKENS, FAIR_SLICE_RUNS * tuning.run_cost_tokens))
         self.encoder = encoder
         self.backend = backend
         self.pooling = pooling_mode
@@ -95,7 +78,9 @@ class Batcher:
         self.work = footprint.work
         self.peak_seen = 0  # bytes: the largest batch measured running alone
         self.loop = loop
-        self._jobs: deque[Job] = deque()
+        self._inbox: deque[Job] = deque()  # submitted, not yet tokenized
+        self._fair: FairQueue[Row] = FairQueue()  # the worker's own
+        self._last_served: dict[Hashable, float] = {}  # owner -> time.monotonic() its texts last ran (worker's own)
         self._queued_texts = 0
         self.batches_run = 0  # inference batches; fewer than requests when requests share batches
         self._closed = False
@@ -118,7 +103,7 @@ class Batcher:
                     "retry later or raise limits.queue_texts"
                 )
             job.queued = time.monotonic()
-            self._jobs.append(job)
+            self._inbox.append(job)
             self._queued_texts += len(job.texts)
             self._wakeup.notify()
 
@@ -131,80 +116,113 @@ class Batcher:
 
     def _work(self) -> None:
         used_memory = False  # batches ran since the heap was last trimmed
-        while (jobs := self._take(IDLE_TRIM_SECONDS if used_memory else None)) is not None:
-            if not jobs:  # idle for a while after work: its memory goes back to the system
+        while (jobs := self._collect(IDLE_TRIM_SECONDS if used_memory else None)) is not None:
+            if not jobs and not self._fair:  # idle for a while after work: its memory goes back to the system
                 trim_heap()
                 used_memory = False
                 continue
+            involved: list[Job] = list(jobs)
             try:
-                self._serve(jobs)
+                self._enqueue(jobs)
+                self._serve(self._next_batch(involved))
             except Exception as exc:  # the thread must outlive any one bad batch
                 log.exception("model %s: batch failed", self.name)
-                self._settle([(job, InternalError(f"inference failed on {self.name}: {exc}")) for job in jobs])
+                self._settle([(job, InternalError(f"inference failed on {self.name}: {exc}")) for job in involved])
             used_memory = True
 
-    def _take(self, idle_timeout: float | None) -> list[Job] | None:
-        """Block for work, then take what waits, up to max_batch texts (at least one job).
+    def _collect(self, idle_timeout: float | None) -> list[Job] | None:
+        """The jobs submitted since the last call; blocks only while nothing at all is queued.
 
-        None once closed; an empty list when ``idle_timeout`` seconds pass without work.
+        None once closed with nothing left; an empty list when ``idle_timeout`` seconds pass without work.
         """
         with self._wakeup:
-            while not self._jobs and not self._closed:
+            while not self._inbox and not self._fair and not self._closed:
                 if not self._wakeup.wait(idle_timeout):
                     return []
-            if not self._jobs:
+            if not self._inbox and not self._fair:
                 return None
-            jobs = [self._jobs.popleft()]
-            count = len(jobs[0].texts)
-            while self._jobs and count + len(self._jobs[0].texts) <= self.limits.max_batch:
-                jobs.append(self._jobs.popleft())
-                count += len(jobs[-1].texts)
-            self._queued_texts -= count
-        started = time.monotonic()
-        for job in jobs:
-            job.started = started
+            jobs = list(self._inbox)
+            self._inbox.clear()
         return jobs
 
-    def _serve(self, jobs: list[Job]) -> None:
-        now = time.monotonic()
-        settled: list[tuple[Job, Embedded | EmbedError]] = []
-        live = []
+    def _enqueue(self, jobs: list[Job]) -> None:
+        """Tokenize new jobs and queue their rows, shortest first, under their owners; settle those refused."""
+        refused = []
         for job in jobs:
             if job.future.done():  # cancelled: answered already (shutdown), nothing to compute
+                self._dequeued(len(job.texts))
                 continue
-            if job.deadline < now:  # its client gave up (and may have resent it)
-                settled.append((job, Overloaded(f"the request waited past its timeout_ms for {self.name}; retry")))
-            else:
-                live.append(job)
-        rows, refused = self._tokenize(live)
-        settled += refused
-        failed: dict[int, EmbedError] = {}
-        outputs = {j: np.empty((len(job.texts), self.dimension), np.float32) for j, job in enumerate(live)}
-        rows.sort(key=lambda r: len(r.tokens.ids))
-        lengths = [len(r.tokens.ids) for r in rows]
-        for start, stop in cut_batches(lengths, self.rule.fits, self.batch_cost_tokens):
-            self._run_batch(rows[start:stop], outputs, failed)
-            GUARD.after_batch()
-        runnable = {r.job for r in rows}
-        for j, job in enumerate(live):
-            if j in runnable:
-                settled.append((job, failed.get(j) or self._finish(job, outputs[j])))
-        self._settle(settled)
-
-    def _tokenize(self, jobs: list[Job]) -> tuple[list[_Row], list[tuple[Job, EmbedError]]]:
-        """Rows to run, and the jobs refused for an input over max_length with truncate off."""
-        encoded = self.encoder.encode([text for job in jobs for text in job.texts])
-        rows, refused, offset = [], [], 0
-        for j, job in enumerate(jobs):
-            mine = encoded[offset : offset + len(job.texts)]
-            offset += len(job.texts)
+            mine = self.encoder.encode(job.texts)
             too_long = [i for i, t in enumerate(mine) if t.truncated] if not job.truncate else []
             if too_long:
                 refused.append((job, self._too_long(too_long[0])))
+                self._dequeued(len(job.texts))
                 continue
             job.tokens = [len(t.ids) for t in mine]
-            rows += [_Row(j, i, t) for i, t in enumerate(mine)]
-        return rows, refused
+            pending = Pending(job, self.dimension, len(job.texts))
+            rows = sorted((Row(pending, i, t) for i, t in enumerate(mine)), key=lambda r: len(r.tokens.ids))
+            self._fair.add(job.owner, job.weight, [(len(r.tokens.ids), r) for r in rows])
+        self._settle(refused)
+
+    def _dequeued(self, texts: int) -> None:
+        with self._wakeup:
+            self._queued_texts -= texts
+
+    def _next_batch(self, involved: list[Job]) -> list[Row]:
+        """The rows to run next, in fair order: up to max_batch; while owners contend, one slice's batch."""
+        now = time.monotonic()
+        recent = {owner for owner, t in self._last_served.items() if now - t < CONTENDED_SECONDS}
+        contended = len(recent | self._fair.owners()) > 1
+        rows, longest = 0, 0
+
+        def accept(row: Row) -> bool:
+            nonlocal rows, longest
+            if row.pending.done:
+                return True  # dropped below, free
+            wider = max(longest, len(row.tokens.ids))
+            if contended:
+                fits = self.rule.fits(rows + 1, wider) and (rows + 1) * wider <= self.slice_tokens
+            else:
+                fits = rows < self.limits.max_batch
+            if rows and not fits:
+                return False
+            rows, longest = rows + 1, wider
+            return True
+
+        taken = self._fair.take(accept)
+        self._dequeued(len(taken))
+        settled, live = [], []
+        for row in taken:
+            job = row.pending.job
+            if not row.pending.done and (job.future.done() or job.deadline < now):
+                row.pending.done = True  # cancelled at shutdown, or its client gave up (and may have resent it)
+                settled.append((job, Overloaded(f"the request waited past its timeout_ms for {self.name}; retry")))
+            if not row.pending.done:
+                job.started = job.started or now
+                self._last_served[job.owner] = now
+                involved.append(job)
+                live.append(row)
+        self._settle(settled)
+        self._last_served = {owner: self._last_served[owner] for owner in recent | {r.pending.job.owner for r in live}}
+        return live
+
+    def _serve(self, batch: list[Row]) -> None:
+        """Run the rows, sorted by length and cut by the rule and the padding, and settle each job whose last
+        row ran."""
+        batch.sort(key=lambda r: len(r.tokens.ids))
+        lengths = [len(r.tokens.ids) for r in batch]
+        for start, stop in cut_batches(lengths, self.rule.fits, self.batch_cost_tokens):
+            self._run_batch(batch[start:stop])
+            GUARD.after_batch()
+        settled: list[tuple[Job, Embedded | EmbedError]] = []
+        for row in batch:
+            pending = row.pending
+            pending.left -= 1
+            if pending.done or (pending.left and pending.error is None):
+                continue
+            pending.done = True
+            settled.append((pending.job, pending.error or self._finish(pending.job, pending.outputs)))
+        self._settle(settled)
 
     def _too_long(self, index: int) -> InputTooLong:
         return InputTooLong(
@@ -212,7 +230,7 @@ class Batcher:
             "shorten it, split it, or send truncate=true"
         )
 
-    def _run_batch(self, batch: list[_Row], outputs: dict[int, np.ndarray], failed: dict[int, EmbedError]) -> None:
+    def _run_batch(self, batch: list[Row]) -> None:
         padded = self.encoder.pad([r.tokens for r in batch])
         self.batches_run += 1
         try:
@@ -223,10 +241,10 @@ class Batcher:
         except Exception as exc:
             log.exception("model %s: a batch of %d texts failed", self.name, len(batch))
             for r in batch:
-                failed[r.job] = InternalError(f"inference failed on {self.name}: {exc}")
+                r.pending.error = InternalError(f"inference failed on {self.name}: {exc}")
             return
         for r, vector in zip(batch, vectors):
-            outputs[r.job][r.index] = vector
+            r.pending.put(r.index, vector)
 
     def _note_peak(self, reading: Reading, shape: tuple[int, ...]) -> None:
         """Keep the largest peak; one over the budget means the cost model is wrong: say so."""

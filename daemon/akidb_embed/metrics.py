@@ -28,6 +28,7 @@ from . import __version__
 from .memory import MIB
 from .registry import Registry
 from .settings import Settings
+from .tenancy import QUOTAS, Tenants
 
 log = logging.getLogger(__name__)
 PREFIX = "akidb_embed_"
@@ -38,8 +39,9 @@ SCRAPE_TIMEOUT = 5.0  # seconds an HTTP scrape waits for the event loop
 class DaemonCollector(Collector):
     """Collects the registry's figures; on the event loop, whichever thread asks."""
 
-    def __init__(self, registry: Registry, started: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, registry: Registry, tenants: Tenants, started: float, loop: asyncio.AbstractEventLoop) -> None:
         self.registry = registry
+        self.tenants = tenants
         self.started = started
         self.loop = loop
         self._loop_thread = threading.get_ident()  # built on the loop's thread
@@ -69,17 +71,17 @@ class DaemonCollector(Collector):
             for stage, histogram in stats.histograms.items():
                 buckets = [(_bound(le), count) for le, count in histogram.cumulative()]
                 per_model["request_duration_seconds"].add_metric([model_id, stage], buckets, histogram.sum)
-        return families + list(per_model.values())
+        return families + list(per_model.values()) + _tenant_families(self.tenants)
 
 
 class MetricsExporter:
     """The textfile writer task and, if configured, the HTTP endpoint."""
 
-    def __init__(self, settings: Settings, registry: Registry, started: float) -> None:
+    def __init__(self, settings: Settings, registry: Registry, tenants: Tenants, started: float) -> None:
         self.settings = settings.metrics
         self.textfile = settings.metrics_textfile
         self.collectors = CollectorRegistry(auto_describe=False)
-        self.collectors.register(DaemonCollector(registry, started, asyncio.get_running_loop()))
+        self.collectors.register(DaemonCollector(registry, tenants, started, asyncio.get_running_loop()))
         self._server: Any = None
         self._failed = False  # the textfile could not be written: said once, not every interval
 
@@ -202,6 +204,31 @@ def _add_model(families: dict[str, Metric], model: dict[str, Any]) -> None:
     families["model_queued_texts"].add_metric([model_id], model.get("queued_texts", 0))
     families["model_in_flight"].add_metric([model_id], model.get("in_flight", 0))
     families["model_circuit_open"].add_metric([model_id], int(model["circuit"]["state"] != "closed"))
+
+
+def _tenant_families(tenants: Tenants) -> list[Metric]:
+    """Each tenant's requests by outcome, texts, refusals by quota, and what it has in flight and queued."""
+    label = ["tenant"]
+    requests = CounterMetricFamily(PREFIX + "tenant_requests", "Embed requests of a tenant by outcome: ok, or the "
+                                   "error code.", labels=["tenant", "code"])  # fmt: skip
+    texts = CounterMetricFamily(PREFIX + "tenant_texts", "Texts embedded for a tenant.", labels=label)
+    refused = CounterMetricFamily(PREFIX + "tenant_refused", "Requests of a tenant refused by a quota: max_in_flight, "
+                                  "max_queued_texts or cache_ops.", labels=["tenant", "quota"])  # fmt: skip
+    in_flight = GaugeMetricFamily(PREFIX + "tenant_in_flight", "Requests of a tenant waiting now.", labels=label)
+    queued = GaugeMetricFamily(PREFIX + "tenant_queued_texts", "Texts of a tenant's embed requests not yet answered.",
+                               labels=label)  # fmt: skip
+    for tenant in tenants.all:
+        usage = tenants.usage[tenant.name]
+        requests.add_metric([tenant.name, "ok"], usage.requests["ok"])
+        for code, count in sorted(usage.requests.items()):
+            if code != "ok":
+                requests.add_metric([tenant.name, code], count)
+        texts.add_metric([tenant.name], usage.texts)
+        for quota in QUOTAS:
+            refused.add_metric([tenant.name, quota], usage.refused[quota])
+        in_flight.add_metric([tenant.name], usage.in_flight)
+        queued.add_metric([tenant.name], usage.queued_texts)
+    return [requests, texts, refused, in_flight, queued]
 
 
 def _bound(le: float) -> str:

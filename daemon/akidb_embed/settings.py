@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ DEFAULT_SOCKET = Path("/run/akidb-embed/embed.sock")
 SOCKET_ENV = "AKIDB_EMBED_SOCKET"
 # Where the files manifests name may live (confine.py); the catalog directory is always one more.
 DEFAULT_MODEL_ROOTS = (Path("/var/lib/akidb-embed/models"), Path("/usr/share/akidb-embed/models"))
+MAIN_TENANT = "main"  # the main socket's tenant: every model, every op, no quotas
+CACHE_OPS = ("load", "unload", "pin")  # what a tenant may be allowed; pin covers unpin
+_TENANT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # a file name, a metric label and a group name alike
 
 
 class SettingsError(ValueError):
@@ -118,6 +122,42 @@ class CircuitSettings:
 
 
 @dataclass(frozen=True)
+class Tenant:
+    """An app sharing the daemon: its own socket (the kernel checks who connects), models and quotas."""
+
+    name: str
+    socket: Path | None = None  # None: <name>.sock beside the main socket (Settings fills it in)
+    group: str | None = None  # the socket file's group; None: the daemon's
+    mode: int = 0o660  # the socket file's mode
+    models: tuple[str, ...] = ("*",)  # ids or fnmatch globs it may use (and see)
+    max_in_flight: int = 0  # requests waiting at once (embed, load...); 0: no limit
+    max_queued_texts: int = 0  # texts of its embed requests not yet answered; 0: no limit
+    cache_ops: tuple[str, ...] = ()  # of CACHE_OPS
+    weight: float = 1.0  # its share of each model's batches, against the other tenants'
+
+    def __post_init__(self) -> None:
+        key = f"tenants.{self.name}" if isinstance(self.name, str) else "tenants"
+        if not isinstance(self.name, str) or not _TENANT_NAME.fullmatch(self.name):
+            raise SettingsError(f"{key}: name must be 1-32 of a-z, 0-9, _ and - starting with a letter, not {self.name!r}")
+        if self.group is not None and (not isinstance(self.group, str) or not self.group):
+            raise SettingsError(f"{key}.group must be a group name, not {self.group!r}")
+        if isinstance(self.mode, bool) or not isinstance(self.mode, int) or not 0 <= self.mode <= 0o777 or self.mode & 0o600 != 0o600:
+            raise SettingsError(f"{key}.mode must be a file mode such as 0o660 that lets the daemon read and write, "
+                                f"not {self.mode!r}")  # fmt: skip
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise SettingsError(f"{key}.models must be a non-empty list of model ids or globs such as \"bge-*\"")
+        for name in ("max_in_flight", "max_queued_texts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SettingsError(f"{key}.{name} must be an integer >= 0 (0: no limit), not {value!r}")
+        unknown = [op for op in self.cache_ops if op not in CACHE_OPS]
+        if unknown:
+            raise SettingsError(f"{key}.cache_ops {unknown} are not among {', '.join(CACHE_OPS)}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0 < self.weight < 1e6:
+            raise SettingsError(f"{key}.weight must be a positive number, not {self.weight!r}")
+
+
+@dataclass(frozen=True)
 class Settings:
     socket: Path = DEFAULT_SOCKET
     catalog: Path = Path("/etc/akidb-embed/models.d")
@@ -134,8 +174,12 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
     events_socket: Path | None = None  # the PUB socket of lifecycle events; None: beside the socket (events_path)
+    tenants: tuple[Tenant, ...] = ()  # apps on sockets of their own, besides the main socket's tenant
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tenants", tuple(
+            t if t.socket else replace(t, socket=self.socket.parent / f"{t.name}.sock") for t in self.tenants))
+        _check_unique(self)
         unknown = [p for p in self.providers if p not in PROVIDERS]
         if unknown or not self.providers:
             raise SettingsError(f"providers must be a non-empty list of {', '.join(PROVIDERS)}, not {list(self.providers)}")
@@ -153,6 +197,11 @@ class Settings:
         return (*self.model_roots, self.catalog)
 
     @property
+    def main_tenant(self) -> Tenant:
+        """The main socket's tenant: every model, every op, weight 1, no quotas (the daemon without tenants)."""
+        return Tenant(MAIN_TENANT, self.socket, cache_ops=CACHE_OPS)
+
+    @property
     def events_path(self) -> Path:
         """The events socket: configured, else ``<socket stem>.events.sock`` in the request socket's folder."""
         return self.events_socket or events_socket_path(self.socket)
@@ -164,6 +213,21 @@ class Settings:
         if textfile == "auto":
             return self.state_dir / "metrics" / "akidb-embed.prom"
         return Path(textfile) if textfile else None
+
+
+def _check_unique(settings: Settings) -> None:
+    """Tenant names and sockets unique, none the main socket's or the events socket's."""
+    names = [MAIN_TENANT]
+    paths = [settings.socket, settings.events_path]
+    for tenant in settings.tenants:
+        if tenant.name in names:
+            raise SettingsError(f"tenants.{tenant.name}: the name is taken ({MAIN_TENANT!r} is the main socket's); "
+                                "give each tenant a name of its own")  # fmt: skip
+        if tenant.socket in paths:
+            raise SettingsError(f"tenants.{tenant.name}.socket {tenant.socket} is already the main, events or another "
+                                "tenant's socket; give each tenant a socket of its own")  # fmt: skip
+        names.append(tenant.name)
+        paths.append(tenant.socket)
 
 
 _PATH_KEYS = ("socket", "events_socket", "catalog", "state_dir", "cache_dir")
@@ -186,6 +250,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """
     data = _read_config(config)
     tables = {name: data.pop(name, {}) for name in ("limits", "memory", "metrics", "circuit")}
+    tenants = _tenants(data.pop("tenants", []))
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise SettingsError(f"[{name}] must be a table")
@@ -207,7 +272,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         data["model_roots"] = _paths("model_roots", data["model_roots"])
     try:
         return Settings(**data, limits=Limits(**tables["limits"]), memory=MemorySettings(**tables["memory"]),
-                        metrics=MetricsSettings(**tables["metrics"]), circuit=CircuitSettings(**tables["circuit"]))
+                        metrics=MetricsSettings(**tables["metrics"]), circuit=CircuitSettings(**tables["circuit"]),
+                        tenants=tenants)
     except TypeError as exc:
         raise SettingsError(f"bad setting: {exc}") from None
 
@@ -218,6 +284,29 @@ def _paths(key: str, values: list | tuple) -> tuple[Path, ...]:
     if wrong:
         raise SettingsError(f"{key} must be a list of paths (strings), not {wrong[0]!r}")
     return tuple(Path(v) for v in values)
+def _tenants(tables: Any) -> tuple[Tenant, ...]:
+    """The ``[[tenants]]`` tables as Tenants; a key that is not a Tenant field is named with the tenant."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise SettingsError("tenants must be an array of tables: [[tenants]] followed by name = \"...\" and its keys")
+    known = {f.name for f in fields(Tenant)}
+    tenants = []
+    for table in tables:
+        key = f"tenants.{table.get('name', '?')}"
+        unknown = set(table) - known
+        if unknown or "name" not in table:
+            raise SettingsError(f"{key}: unknown key(s) {', '.join(sorted(unknown)) or 'none'}, or no name; "
+                                f"known: {', '.join(sorted(known))}")  # fmt: skip
+        for name in ("models", "cache_ops"):
+            if name in table and not isinstance(table[name], list):
+                raise SettingsError(f"{key}.{name} must be a list of strings, not {table[name]!r}")
+            if name in table:
+                table = {**table, name: tuple(table[name])}
+        if "socket" in table:
+            if not isinstance(table["socket"], str) or not table["socket"]:
+                raise SettingsError(f"{key}.socket must be a path, not {table['socket']!r}")
+            table = {**table, "socket": Path(table["socket"])}
+        tenants.append(Tenant(**table))
+    return tuple(tenants)
 
 
 def _read_config(config: Path | None) -> dict[str, Any]:
