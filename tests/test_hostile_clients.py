@@ -166,7 +166,7 @@ def test_a_connection_flood_is_bounded(catalog: Path) -> None:
                 assert held <= CONNECTIONS * CONNECTION_KIB, f"{CONNECTIONS} connections cost {held} KiB"
             for socket in sockets:
                 socket.close()
-        wait_for(lambda: open_fds(pid) == fds, timeout=10)
+        wait_for(lambda: open_fds(pid) <= fds, timeout=10)  # a descriptor open at the first count may have closed
         timed_embed(daemon)  # a batch, so that the idle model trims the heap
         grown = settled_rss_kib(daemon) - before
         assert grown <= HEAP_NOISE_KIB, f"RSS grew {grown} KiB after {ROUNDS} floods of {CONNECTIONS} connections"
