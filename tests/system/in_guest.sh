@@ -250,7 +250,9 @@ mkdir -p "$(dirname "$dropin")"
 printf '[Service]\nRestrictAddressFamilies=AF_INET AF_INET6\n' >"$dropin"
 systemctl daemon-reload && systemctl restart "$UNIT" && wait_until 5 is_active || fail "restart with the metrics-http drop-in failed"
 wait_until 10 scrape || fail "/metrics does not answer with the drop-in (RestrictAddressFamilies=$(prop RestrictAddressFamilies))"
-scrape | grep -q '^akidb_embed_info' || fail "/metrics answered without akidb_embed_info"
+# the page in a variable, not piped: grep -q would stop reading early and pipefail fail the scrape
+page=$(scrape) || fail "/metrics stopped answering with the drop-in"
+grep -q '^akidb_embed_info' <<<"$page" || fail "/metrics answered without akidb_embed_info: $(head -c 600 <<<"$page")"
 note "with the drop-in (RestrictAddressFamilies=$(prop RestrictAddressFamilies)): /metrics served on 127.0.0.1:9464"
 rm -f "$dropin"; rmdir "$(dirname "$dropin")" 2>/dev/null
 cp -p "$WORK/config.orig" "$CONFIG"
