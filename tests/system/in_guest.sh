@@ -157,6 +157,8 @@ while len(replies) < n and time.monotonic() < deadline:
 print(json.dumps({"sent": sent, "replies": replies, "missing": [i for i in range(n) if i not in replies]}))
 PY
 chmod 0644 "$WORK"/*.py
+# Output is searched with grep -q <<<"$(COMMAND)", never COMMAND | grep -q: grep stops at the first
+# match, COMMAND's next write then gets SIGPIPE, and pipefail fails the check that matched.
 # as_user USER COMMAND...: run as USER with the groups it has now
 as_user() { runuser -u "$1" -- "${@:2}"; }
 embed_as() { as_user "$1" python3 "$WORK/embed.py" "${@:2}"; }
@@ -184,7 +186,7 @@ wait_until 5 is_active || fail "akidb-embed is $(systemctl is-active "$UNIT") 5 
 [ "$(systemctl is-enabled "$UNIT")" = enabled ] || fail "the unit is $(systemctl is-enabled "$UNIT") after install, not enabled"
 status_text=$(prop StatusText)
 [ -n "$status_text" ] || fail "the daemon sent no STATUS= line (systemctl show -P StatusText is empty)"
-systemctl status "$UNIT" --no-pager 2>&1 | grep -q "Status: \"" \
+grep -q "Status: \"" <<<"$(systemctl status "$UNIT" --no-pager 2>&1)" \
     || fail "systemctl status shows no Status: line: $(systemctl status "$UNIT" --no-pager 2>&1 | head -n 8)"
 note "status: $status_text"
 [ "$(prop Type)" = notify ] || fail "Type=$(prop Type), expected notify"
@@ -240,7 +242,7 @@ grep -q '^http = "127.0.0.1:9464"' "$CONFIG" || fail "could not set [metrics] ht
 scrape() { python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=2).read().decode())'; }
 since=$(date '+%Y-%m-%d %H:%M:%S')
 systemctl restart "$UNIT" && wait_until 5 is_active || fail "restart with [metrics] http failed"
-refused() { journalctl -u "$UNIT" --since "$since" --no-pager | grep -q "metrics: cannot serve HTTP.*RestrictAddressFamilies"; }
+refused() { grep -q "metrics: cannot serve HTTP.*RestrictAddressFamilies" <<<"$(journalctl -u "$UNIT" --since "$since" --no-pager)"; }
 wait_until 10 refused || fail "no 'metrics: cannot serve HTTP ... RestrictAddressFamilies' line: $(journalctl -u "$UNIT" --since "$since" --no-pager | tail -n 5)"
 akidb-embed status >/dev/null || fail "the daemon does not answer with the HTTP endpoint refused"
 scrape >/dev/null 2>&1 && fail "/metrics answered over TCP although the unit allows only AF_UNIX"
@@ -250,7 +252,6 @@ mkdir -p "$(dirname "$dropin")"
 printf '[Service]\nRestrictAddressFamilies=AF_INET AF_INET6\n' >"$dropin"
 systemctl daemon-reload && systemctl restart "$UNIT" && wait_until 5 is_active || fail "restart with the metrics-http drop-in failed"
 wait_until 10 scrape || fail "/metrics does not answer with the drop-in (RestrictAddressFamilies=$(prop RestrictAddressFamilies))"
-# the page in a variable, not piped: grep -q would stop reading early and pipefail fail the scrape
 page=$(scrape) || fail "/metrics stopped answering with the drop-in"
 grep -q '^akidb_embed_info' <<<"$page" || fail "/metrics answered without akidb_embed_info: $(head -c 600 <<<"$page")"
 note "with the drop-in (RestrictAddressFamilies=$(prop RestrictAddressFamilies)): /metrics served on 127.0.0.1:9464"
@@ -526,7 +527,7 @@ restarted() { local p; p=$(main_pid); [ "$p" != 0 ] && [ "$p" != "$pid" ] && is_
 wait_until "$limit" restarted \
     || fail "no new main process within ${limit} s (WatchdogSec ${wd} s + RestartSec ${rs} s + 20): MainPID $(main_pid), $(systemctl is-active "$UNIT")"
 took=$(awk -v a="$t_sig" -v b="$(date +%s%N)" 'BEGIN {printf "%.1f", (b - a) / 1e9}')
-journalctl -u "$UNIT" --since "$since" --no-pager | grep -qi "watchdog timeout" \
+grep -qi "watchdog timeout" <<<"$(journalctl -u "$UNIT" --since "$since" --no-pager)" \
     || fail "the process was replaced, but not by the watchdog (no 'Watchdog timeout' in the journal; did SIGUSR2 kill it instead of hanging the loop?)"
 restarts_after=$(prop NRestarts)
 [ "$restarts_after" -gt "$restarts" ] || fail "NRestarts did not grow ($restarts -> $restarts_after)"
