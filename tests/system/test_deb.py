@@ -1,4 +1,4 @@
-"""The .deb under a real systemd: install, serve, reload, watchdog, stop, upgrade, remove, purge.
+"""The .deb under a real systemd: install, serve, tenants, reload, watchdog, stop, upgrade, remove, purge.
 
 Scenario (one guest boot; each step below is reported as its own test):
  1. the packages are built (scripts/build-deb.sh, or ./dist reused when its inputs did not
