@@ -14,15 +14,20 @@
 #                   through a symlink in a model root) listed invalid and never opened
 #    5 clients      system Python client as a member of group akidb-embed gets a (1, 384)
 #                   vector; a user outside the group cannot open the socket
-#    6 reload       `systemctl reload` keeps serving: same PID, same fingerprint and vectors
-#    7 watchdog     a hung event loop (test-only SIGUSR2) is killed by the watchdog and
+#    6 tenants      two apps as real users, set up as README.Debian says (a group each, the
+#                   drop-in, two [[tenants]], a restart): each connects only to its own socket
+#                   and sees only its models; kiosk's max_in_flight and max_queued_texts answer
+#                   overloaded naming it, its cache ops not_allowed; robot's cache ops done.
+#                   Then undone: no tenants, the unit as shipped
+#    7 reload       `systemctl reload` keeps serving: same PID, same fingerprint and vectors
+#    8 watchdog     a hung event loop (test-only SIGUSR2) is killed by the watchdog and
 #                   restarted, while a client with retries still gets its answer
-#    8 stop         `systemctl stop` with requests in flight: each gets a reply; no SIGSYS
+#    9 stop         `systemctl stop` with requests in flight: each gets a reply; no SIGSYS
 #                   (SystemCallFilter=) in the whole run's journal
-#    9 upgrade      a newer version installed over it restarts the service, keeps the state
+#   10 upgrade      a newer version installed over it restarts the service, keeps the state
 #                   and the catalog
-#   10 remove       service stopped and gone, conffiles and models kept
-#   11 purge        nothing of ours left
+#   11 remove       service stopped and gone, conffiles and models kept
+#   12 purge        nothing of ours left
 # A step that fails prints "FAILED step N (name): why", the unit's status and journal, and
 # ends the run (the later steps depend on it). Each step's outcome is appended as a JSON line
 # to $HARNESS_OUT/results.jsonl; bench_service.sh's figures go to $HARNESS_OUT/bench.txt.
@@ -44,6 +49,7 @@ UNIT=akidb-embed.service
 MODEL_ID=all-minilm-l6-v2
 MODELS=/var/lib/akidb-embed/models
 CATALOG=/etc/akidb-embed/models.d
+CONFIG=/etc/akidb-embed/akidb-embed.toml
 SOCKET=/run/akidb-embed/embed.sock
 WORK=/tmp/akidb-st        # scratch shared with the unprivileged test users
 EXPOSURE_BOUND=3.9         # systemd-analyze security of the unit before this bound was set
@@ -108,13 +114,16 @@ except EmbedError as exc:
 print(json.dumps({"shape": list(v.shape), "dtype": str(v.dtype), "model": v.model, "fingerprint": v.fingerprint,
                   "head": [float(x) for x in v[0][:16]], "module": akidb_embed_client.__file__}))
 PY
-# inflight.py N TEXTS MARKER: N requests sent at once on N sockets; MARKER written once they are
-# all out; then every reply is collected (60 s at most) with its arrival time
+# inflight.py N TEXTS MARKER [SOCKET [MODEL]]: N requests sent at once on N sockets (default: the
+# main socket, the default model); MARKER written once they are all out; then every reply is
+# collected (60 s at most) with its arrival time, and an error's message
 cat >"$WORK/inflight.py" <<'PY'
 import json, random, sys, time
 import zmq
 from akidb_embed_client import protocol, EmbedError
 n, per, marker = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+path = sys.argv[4] if len(sys.argv) > 4 else "/run/akidb-embed/embed.sock"
+model = sys.argv[5] if len(sys.argv) > 5 else None
 words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
          "under pale moonlight and distant thunder rolls across empty northern hills").split()
 ctx = zmq.Context()
@@ -124,8 +133,8 @@ for i in range(n):
     texts = [" ".join(rnd.choice(words) for _ in range(48)) for _ in range(per)]
     s = ctx.socket(zmq.REQ)
     s.setsockopt(zmq.LINGER, 0)
-    s.connect("ipc:///run/akidb-embed/embed.sock")
-    s.send(protocol.encode_request("embed", f"inflight-{i}", texts=texts, timeout_ms=120000))
+    s.connect(f"ipc://{path}")
+    s.send(protocol.encode_request("embed", f"inflight-{i}", texts=texts, model=model, timeout_ms=120000))
     sockets.append(s)
 time.sleep(0.3)  # on a local ipc socket the requests are in the daemon's queue by now
 sent = time.time()
@@ -137,19 +146,34 @@ replies, deadline = {}, time.monotonic() + 60
 while len(replies) < n and time.monotonic() < deadline:
     for s, _ in poller.poll(200):
         i = sockets.index(s)
+        message = None
         try:
             reply = protocol.decode_reply(s.recv_multipart())
             outcome = "ok" if reply.vectors is not None and reply.vectors.shape == (per, 384) else "bad-shape"
         except EmbedError as exc:
-            outcome = exc.code
-        replies[i] = {"outcome": outcome, "at": time.time()}
+            outcome, message = exc.code, exc.message
+        replies[i] = {"outcome": outcome, "at": time.time(), "message": message}
         poller.unregister(s)
 print(json.dumps({"sent": sent, "replies": replies, "missing": [i for i in range(n) if i not in replies]}))
 PY
 chmod 0644 "$WORK"/*.py
+# Output is searched with grep -q <<<"$(COMMAND)", never COMMAND | grep -q: grep stops at the first
+# match, COMMAND's next write then gets SIGPIPE, and pipefail fails the check that matched.
 # as_user USER COMMAND...: run as USER with the groups it has now
 as_user() { runuser -u "$1" -- "${@:2}"; }
 embed_as() { as_user "$1" python3 "$WORK/embed.py" "${@:2}"; }
+# connect_as USER PATH: connect(2) to the socket file as USER; "connected", or "denied: <errno text>"
+connect_as() {
+    as_user "$1" python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+except PermissionError as exc:
+    print("denied:", exc)
+else:
+    print("connected")' "$2" 2>&1
+}
 
 # =============================================================================================
 begin 1 install
@@ -162,7 +186,7 @@ wait_until 5 is_active || fail "akidb-embed is $(systemctl is-active "$UNIT") 5 
 [ "$(systemctl is-enabled "$UNIT")" = enabled ] || fail "the unit is $(systemctl is-enabled "$UNIT") after install, not enabled"
 status_text=$(prop StatusText)
 [ -n "$status_text" ] || fail "the daemon sent no STATUS= line (systemctl show -P StatusText is empty)"
-systemctl status "$UNIT" --no-pager 2>&1 | grep -q "Status: \"" \
+grep -q "Status: \"" <<<"$(systemctl status "$UNIT" --no-pager 2>&1)" \
     || fail "systemctl status shows no Status: line: $(systemctl status "$UNIT" --no-pager 2>&1 | head -n 8)"
 note "status: $status_text"
 [ "$(prop Type)" = notify ] || fail "Type=$(prop Type), expected notify"
@@ -212,14 +236,13 @@ for call in mount reboot init_module ptrace; do
 done
 # [metrics] http needs AF_INET: refused (logged, embeddings still served) until the documented
 # drop-in re-allows it
-CONFIG=/etc/akidb-embed/akidb-embed.toml
 cp -p "$CONFIG" "$WORK/config.orig"
 sed -i 's/^#http = ""/http = "127.0.0.1:9464"/' "$CONFIG"
 grep -q '^http = "127.0.0.1:9464"' "$CONFIG" || fail "could not set [metrics] http in $CONFIG"
 scrape() { python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=2).read().decode())'; }
 since=$(date '+%Y-%m-%d %H:%M:%S')
 systemctl restart "$UNIT" && wait_until 5 is_active || fail "restart with [metrics] http failed"
-refused() { journalctl -u "$UNIT" --since "$since" --no-pager | grep -q "metrics: cannot serve HTTP.*RestrictAddressFamilies"; }
+refused() { grep -q "metrics: cannot serve HTTP.*RestrictAddressFamilies" <<<"$(journalctl -u "$UNIT" --since "$since" --no-pager)"; }
 wait_until 10 refused || fail "no 'metrics: cannot serve HTTP ... RestrictAddressFamilies' line: $(journalctl -u "$UNIT" --since "$since" --no-pager | tail -n 5)"
 akidb-embed status >/dev/null || fail "the daemon does not answer with the HTTP endpoint refused"
 scrape >/dev/null 2>&1 && fail "/metrics answered over TCP although the unit allows only AF_UNIX"
@@ -229,7 +252,8 @@ mkdir -p "$(dirname "$dropin")"
 printf '[Service]\nRestrictAddressFamilies=AF_INET AF_INET6\n' >"$dropin"
 systemctl daemon-reload && systemctl restart "$UNIT" && wait_until 5 is_active || fail "restart with the metrics-http drop-in failed"
 wait_until 10 scrape || fail "/metrics does not answer with the drop-in (RestrictAddressFamilies=$(prop RestrictAddressFamilies))"
-scrape | grep -q '^akidb_embed_info' || fail "/metrics answered without akidb_embed_info"
+page=$(scrape) || fail "/metrics stopped answering with the drop-in"
+grep -q '^akidb_embed_info' <<<"$page" || fail "/metrics answered without akidb_embed_info: $(head -c 600 <<<"$page")"
 note "with the drop-in (RestrictAddressFamilies=$(prop RestrictAddressFamilies)): /metrics served on 127.0.0.1:9464"
 rm -f "$dropin"; rmdir "$(dirname "$dropin")" 2>/dev/null
 cp -p "$WORK/config.orig" "$CONFIG"
@@ -319,21 +343,152 @@ note "app: shape (1, 384), model $(json_get "$out" 'd["model"]'), client from $m
 out=$(embed_as outsider 1 2 "not allowed"); rc=$?
 [ $rc -ne 0 ] && [ "$(json_get "$out" 'd["error"]')" = Unavailable ] \
     || fail "a user outside group akidb-embed was not refused (rc $rc): $out"
-raw=$(as_user outsider python3 -c '
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-try:
-    s.connect(sys.argv[1])
-except PermissionError as exc:
-    print("denied:", exc)
-else:
-    print("connected")' "$SOCKET" 2>&1)
+raw=$(connect_as outsider "$SOCKET")
 [[ $raw == denied:* ]] || fail "outsider opening $SOCKET directly: $raw (expected permission denied)"
 note "outsider: client raised Unavailable; connect(2): ${raw#denied: }"
 pass "member served, outsider refused"
 
 # =============================================================================================
-begin 6 reload
+begin 6 tenants
+# Two apps share the daemon, set up as README.Debian tells an operator: a group and a user each; a
+# drop-in making the daemon's user a member of both groups and letting the apps' users through
+# /run/akidb-embed; two [[tenants]]; a restart. robot sees step 4's MiniLM and may load, unload
+# and pin it; kiosk sees a second manifest of the same files, with 1 request in flight and 64
+# queued texts at most, and no cache ops. Undone at the end: later steps see the daemon as before.
+KIOSK_MODEL=kiosk-minilm
+tenant_sock() { echo "/run/akidb-embed/$1.sock"; }
+# cli_as USER TENANT ARGS...: the akidb-embed command as USER on TENANT's socket
+cli_as() { as_user "$1" akidb-embed "${@:3}" --socket "$(tenant_sock "$2")"; }
+# refuses USER TENANT CODE PATTERN ARGS...: the command fails with "error [CODE]: " and a message
+# matching the glob PATTERN
+refuses() {
+    local out
+    out=$(cli_as "$1" "$2" "${@:5}" 2>&1) && fail "$1 on the $2 socket: akidb-embed ${*:5} succeeded: $out"
+    [[ $out == *"error [$3]: "$4 ]] || fail "$1 on the $2 socket: akidb-embed ${*:5} did not fail with [$3] '$4': $out"
+    note "$1 ($2): akidb-embed ${*:5:2}...: $out"
+}
+# model_ids USER TENANT: the ids `akidb-embed models` lists to USER on TENANT's socket
+model_ids() {
+    cli_as "$1" "$2" models --json | python3 -c 'import json, sys; print(" ".join(sorted(m["id"] for m in json.load(sys.stdin))))'
+}
+# outcomes FILE: inflight.py's replies counted by outcome, and the distinct error messages
+outcomes() {
+    python3 - "$1" <<'PY'
+import collections, json, sys
+data = json.load(open(sys.argv[1]))
+replies = data["replies"].values()
+print(json.dumps({"counts": collections.Counter(r["outcome"] for r in replies), "missing": data["missing"],
+                  "messages": sorted({r["message"] for r in replies if r["message"]})}))
+PY
+}
+for t in robot kiosk; do
+    { groupadd --system "$t" && adduser --disabled-password --gecos "" --quiet "$t-app" && adduser --quiet "$t-app" "$t"; } \
+        || fail "could not create group $t and its user $t-app"
+done
+sed "s/^id = \"$MODEL_ID\"/id = \"$KIOSK_MODEL\"/" "$CATALOG/$MODEL_ID.toml" >"$CATALOG/.$KIOSK_MODEL.toml.new"
+mv -f "$CATALOG/.$KIOSK_MODEL.toml.new" "$CATALOG/$KIOSK_MODEL.toml"
+cp -p "$CONFIG" "$WORK/config.before-tenants"
+cat >>"$CONFIG" <<EOF
+
+[[tenants]]
+name = "robot"
+group = "robot"
+models = ["$MODEL_ID"]
+cache_ops = ["load", "unload", "pin"]
+
+[[tenants]]
+name = "kiosk"
+group = "kiosk"
+models = ["kiosk-*"]
+max_in_flight = 1
+max_queued_texts = 64
+EOF
+dropin=/etc/systemd/system/$UNIT.d/tenants.conf
+mkdir -p "$(dirname "$dropin")"
+printf '[Service]\nSupplementaryGroups=robot kiosk\nRuntimeDirectoryMode=0751\n' >"$dropin"
+systemctl daemon-reload && systemctl restart "$UNIT" && wait_until 5 is_active || fail "restart with two tenants failed"
+groups=" $(prop SupplementaryGroups) "
+for g in video robot kiosk; do [[ $groups == *" $g "* ]] || fail "SupplementaryGroups=$groups lacks $g"; done
+for t in robot kiosk; do
+    sock=$(stat -c '%a %U %G' "$(tenant_sock $t)" 2>&1) || fail "no socket for tenant $t: $sock"
+    [ "$sock" = "660 akidb-embed $t" ] || fail "$(tenant_sock $t) is '$sock', expected '660 akidb-embed $t'"
+done
+note "daemon groups $(ps -o supgrp= -p "$(main_pid)"); /run/akidb-embed $(stat -c '%a %U:%G' /run/akidb-embed)"
+# the kernel decides who connects: each app its own socket only, the main one its group's members only
+for case in robot-app:robot:connected robot-app:kiosk:denied robot-app:embed:denied \
+            kiosk-app:kiosk:connected kiosk-app:robot:denied kiosk-app:embed:denied app:embed:connected app:kiosk:denied; do
+    IFS=: read -r user sock want <<<"$case"
+    got=$(connect_as "$user" "$(tenant_sock "$sock")")
+    [[ $got == "$want"* ]] || fail "$user connecting to $(tenant_sock "$sock"): $got (expected $want)"
+done
+note "connect(2): robot-app and kiosk-app each reach only their own socket; app (group akidb-embed) only the main one"
+# each sees only its models; the other's is unknown_model, even by name
+ids=$(model_ids robot-app robot) && [ "$ids" = "$MODEL_ID" ] || fail "robot-app's socket lists '$ids', expected only $MODEL_ID"
+ids=$(model_ids kiosk-app kiosk) && [ "$ids" = "$KIOSK_MODEL" ] || fail "kiosk-app's socket lists '$ids', expected only $KIOSK_MODEL"
+all=" $(akidb-embed models --json | python3 -c 'import json, sys; print(" ".join(m["id"] for m in json.load(sys.stdin)))') "
+[[ $all == *" $MODEL_ID "* && $all == *" $KIOSK_MODEL "* ]] || fail "the main socket lists '$all', not both models"
+for who in robot:"$MODEL_ID" kiosk:"$KIOSK_MODEL"; do   # the first use loads (and measures) the model
+    t=${who%%:*}
+    out=$(cli_as "$t-app" "$t" embed --timeout 120 --json --model "${who#*:}" "a query of $t" 2>&1) \
+        || fail "$t-app embedding with ${who#*:} on its socket failed: $out"
+    [ "$(json_get "$out" 'd["dimension"]')" = 384 ] || fail "$t-app got dimension $(json_get "$out" 'd["dimension"]')"
+done
+refuses kiosk-app kiosk unknown_model "no model '$MODEL_ID' for tenant kiosk; name one of its models: $KIOSK_MODEL" \
+    embed --model "$MODEL_ID" "not mine"
+refuses robot-app robot unknown_model "no model '$KIOSK_MODEL' for tenant robot; name one of its models: $MODEL_ID" \
+    embed --model "$KIOSK_MODEL" "not mine"
+# quotas: of 4 requests sent at once, kiosk (max_in_flight 1) gets 1 served and 3 overloaded;
+# robot (no quotas) gets all 4 served; 65 texts in one request exceed kiosk's max_queued_texts (64)
+for who in kiosk:"$KIOSK_MODEL" robot:"$MODEL_ID"; do
+    t=${who%%:*}
+    rm -f "$WORK/$t-sent"
+    as_user "$t-app" python3 "$WORK/inflight.py" 4 64 "$WORK/$t-sent" "$(tenant_sock "$t")" "${who#*:}" \
+        >"$WORK/$t-inflight.json" 2>"$WORK/$t-inflight.err" || fail "$t-app's concurrent requests failed: $(cat "$WORK/$t-inflight.err")"
+done
+kiosk=$(outcomes "$WORK/kiosk-inflight.json"); robot=$(outcomes "$WORK/robot-inflight.json")
+note "4 requests at once: kiosk $kiosk; robot $robot"
+[ "$(json_get "$kiosk" 'd["counts"] == {"ok": 1, "overloaded": 3} and not d["missing"]')" = True ] \
+    || fail "kiosk (max_in_flight 1) sent 4 requests at once: $kiosk; expected 1 ok and 3 overloaded"
+[ "$(json_get "$kiosk" 'all("tenant kiosk" in m and "max_in_flight 1" in m for m in d["messages"])')" = True ] \
+    || fail "kiosk's overloaded replies do not name the tenant and the quota: $kiosk"
+[ "$(json_get "$robot" 'd["counts"] == {"ok": 4} and not d["missing"]')" = True ] \
+    || fail "robot (no quotas) sent 4 requests at once: $robot; expected 4 ok"
+refuses kiosk-app kiosk overloaded "tenant kiosk has 0 texts queued and this request adds 65 (max_queued_texts 64)*" \
+    embed --model "$KIOSK_MODEL" $(seq 65)
+# cache ops: not_allowed for kiosk; robot may, on its own model only
+for op in load unload pin unpin; do
+    refuses kiosk-app kiosk not_allowed "tenant kiosk may not $op models (its cache_ops: none)*" "$op" "$KIOSK_MODEL"
+done
+for check in 'pin:d["pinned"] and d["state"] == "ready"' 'unpin:not d["pinned"]' 'unload:d["state"] == "available"' \
+             'load:d["state"] == "ready"'; do
+    op=${check%%:*}
+    out=$(cli_as robot-app robot "$op" --json "$MODEL_ID" 2>&1) || fail "robot-app: akidb-embed $op $MODEL_ID failed: $out"
+    [ "$(json_get "$out" "${check#*:}")" = True ] || fail "robot-app: after $op, $MODEL_ID is not as expected (${check#*:}): $out"
+done
+note "robot-app: pin, unpin, unload, load of $MODEL_ID done on its socket"
+refuses robot-app robot unknown_model "no model '$KIOSK_MODEL' for tenant robot*" load "$KIOSK_MODEL"
+# the figures: every tenant's on the main socket, its own only on a tenant's, and in the metrics
+figures=$(akidb-embed status --json) || fail "akidb-embed status failed: $figures"
+want='{"max_in_flight": 3, "max_queued_texts": 1, "cache_ops": 4}'
+[ "$(json_get "$figures" "d['tenants']['kiosk']['refused'] == $want")" = True ] \
+    || fail "status shows kiosk's refusals as $(json_get "$figures" 'd["tenants"]["kiosk"]["refused"]'), expected $want"
+[ "$(json_get "$figures" 'sum(d["tenants"]["robot"]["refused"].values())')" = 0 ] \
+    || fail "status shows refusals for robot: $(json_get "$figures" 'd["tenants"]["robot"]')"
+own=$(cli_as kiosk-app kiosk status --json 2>&1) && [ "$(json_get "$own" 'sorted(d["tenants"])')" = "['kiosk']" ] \
+    || fail "kiosk's status shows other tenants' figures: $own"
+metric='akidb_embed_tenant_refused_total{quota="max_in_flight",tenant="kiosk"} 3'
+wait_until 15 grep -qF "$metric" "$PROM" || fail "$PROM lacks '$metric': $(grep tenant_refused "$PROM")"
+# back to the daemon of the later steps: no tenants, no second model, the unit as shipped
+cp -p "$WORK/config.before-tenants" "$CONFIG"
+rm -f "$CATALOG/$KIOSK_MODEL.toml" "$dropin"; rmdir "$(dirname "$dropin")" 2>/dev/null
+systemctl daemon-reload && systemctl restart "$UNIT" && wait_until 5 is_active || fail "restart without the tenants failed"
+for t in robot kiosk; do [ ! -e "$(tenant_sock $t)" ] || fail "$(tenant_sock $t) is still there without tenants"; done
+[ "$(stat -c %a /run/akidb-embed)" = 750 ] || fail "/run/akidb-embed is $(stat -c %a /run/akidb-embed) after the drop-in went, not 750"
+out=$(embed_as app 60 2 "after the tenants") || fail "embed as app after removing the tenants failed: $out"
+pass "own socket only (kernel), own models only, kiosk 1 of 4 at once served and 65 texts refused, its cache ops not_allowed, robot's done; figures in status and metrics"
+
+# =============================================================================================
+begin 7 reload
 pid=$(main_pid)
 before=$(embed_as app 10 3 "the same sentence twice") || fail "embed before reload failed: $before"
 systemctl reload "$UNIT" || fail "systemctl reload exited $?"
@@ -352,7 +507,7 @@ PY
 pass "same MainPID $pid, fingerprint $(json_get "$after" 'd["fingerprint"]')"
 
 # =============================================================================================
-begin 7 watchdog
+begin 8 watchdog
 dropin=/etc/systemd/system/$UNIT.d/test-hang.conf
 mkdir -p "$(dirname "$dropin")"
 printf '[Service]\nEnvironment=AKIDB_EMBED_TEST_HANG_SIGNAL=1\n' >"$dropin"
@@ -372,7 +527,7 @@ restarted() { local p; p=$(main_pid); [ "$p" != 0 ] && [ "$p" != "$pid" ] && is_
 wait_until "$limit" restarted \
     || fail "no new main process within ${limit} s (WatchdogSec ${wd} s + RestartSec ${rs} s + 20): MainPID $(main_pid), $(systemctl is-active "$UNIT")"
 took=$(awk -v a="$t_sig" -v b="$(date +%s%N)" 'BEGIN {printf "%.1f", (b - a) / 1e9}')
-journalctl -u "$UNIT" --since "$since" --no-pager | grep -qi "watchdog timeout" \
+grep -qi "watchdog timeout" <<<"$(journalctl -u "$UNIT" --since "$since" --no-pager)" \
     || fail "the process was replaced, but not by the watchdog (no 'Watchdog timeout' in the journal; did SIGUSR2 kill it instead of hanging the loop?)"
 restarts_after=$(prop NRestarts)
 [ "$restarts_after" -gt "$restarts" ] || fail "NRestarts did not grow ($restarts -> $restarts_after)"
@@ -385,7 +540,7 @@ systemctl daemon-reload && systemctl restart "$UNIT" && wait_until 5 is_active |
 pass "killed by the watchdog and restarted in ${took} s (MainPID $pid -> new, NRestarts $restarts -> $restarts_after); the client got (1, 384)"
 
 # =============================================================================================
-begin 8 stop
+begin 9 stop
 embed_as app 10 3 "warm up" >/dev/null || fail "the daemon does not answer before the stop test"
 rm -f "$WORK/sent"
 as_user app python3 "$WORK/inflight.py" 12 96 "$WORK/sent" >"$WORK/inflight.json" 2>"$WORK/inflight.err" &
@@ -418,7 +573,7 @@ is_active && fail "the service is still active after systemctl stop"
 pass "$(json_get "$summary" 'dict(d["counts"])'), $(json_get "$summary" 'd["answered_after_stop"]') answered after the stop began; stopped in ${stop_s} s"
 
 # =============================================================================================
-begin 9 upgrade
+begin 10 upgrade
 systemctl start "$UNIT" || fail "systemctl start failed"
 embed_as app 10 3 "before the upgrade" >"$WORK/before-upgrade.json" || fail "embed before upgrade failed"
 pid=$(main_pid)
@@ -441,7 +596,7 @@ out=$(embed_as app 10 3 "after the upgrade") || fail "embed after upgrade failed
 pass "$new_version running (MainPID $pid -> $(main_pid)); models, catalog and state kept"
 
 # =============================================================================================
-begin 10 remove
+begin 11 remove
 apt-get remove -y akidb-embed </dev/null >"$OUT/remove.log" 2>&1 || fail "apt-get remove failed: $(tail -n 15 "$OUT/remove.log")"
 [ "$(dpkg-query -W -f='${db:Status-Abbrev}' akidb-embed 2>/dev/null)" = "rc " ] \
     || fail "dpkg status after remove is '$(dpkg-query -W -f='${db:Status-Abbrev}' akidb-embed 2>&1)', expected 'rc' (config-files)"
@@ -457,7 +612,7 @@ done
 pass "stopped, unit and virtualenv gone; conffiles, catalog and models kept"
 
 # =============================================================================================
-begin 11 purge
+begin 12 purge
 apt-get purge -y akidb-embed python3-akidb-embed-client </dev/null >"$OUT/purge.log" 2>&1 \
     || fail "apt-get purge failed: $(tail -n 15 "$OUT/purge.log")"
 for p in akidb-embed python3-akidb-embed-client; do

@@ -1,4 +1,4 @@
-"""The .deb under a real systemd: install, serve, reload, watchdog, stop, upgrade, remove, purge.
+"""The .deb under a real systemd: install, serve, tenants, reload, watchdog, stop, upgrade, remove, purge.
 
 Scenario (one guest boot; each step below is reported as its own test):
  1. the packages are built (scripts/build-deb.sh, or ./dist reused when its inputs did not
@@ -6,8 +6,8 @@ Scenario (one guest boot; each step below is reported as its own test):
     all-MiniLM-L6-v2 is converted on the host (the session's ``minilm_catalog``), all at once;
  2. a second .deb, version 0.1.0-2, is repacked from the first for the upgrade step;
  3. the guest boots (systemd-nspawn, no network) and tests/system/in_guest.sh walks the
-    package through install, verify, measure, hot-load, clients, reload, watchdog, stop,
-    upgrade, remove and purge; its results.jsonl gives each step's outcome.
+    package through install, verify, measure, hot-load, clients, tenants, reload, watchdog,
+    stop, upgrade, remove and purge; its results.jsonl gives each step's outcome.
 
 Opt-in: set AKIDB_SYSTEM_TESTS=1 (needs root, PyPI for the build, and a Debian mirror for the
 rootfs). Artefacts of the last run (console.log, journal.txt, results.jsonl, bench.txt, the
@@ -42,8 +42,8 @@ BENCH_SECONDS = os.environ.get("AKIDB_BENCH_SECONDS", "10")
 GUEST_TIMEOUT = 900
 # the guest's steps, as in_guest.sh numbers them
 STEPS = [
-    (1, "install"), (2, "verify"), (3, "measure"), (4, "hot-load"), (5, "clients"), (6, "reload"),
-    (7, "watchdog"), (8, "stop"), (9, "upgrade"), (10, "remove"), (11, "purge"),
+    (1, "install"), (2, "verify"), (3, "measure"), (4, "hot-load"), (5, "clients"), (6, "tenants"),
+    (7, "reload"), (8, "watchdog"), (9, "stop"), (10, "upgrade"), (11, "remove"), (12, "purge"),
 ]
 # files whose content goes into the .deb: a change to any of them means ./dist is stale
 DEB_INPUT_EXCLUDE = ("tests/", "docs/", ".ci/", "scripts/dev.sh", "scripts/test.sh", "scripts/bench", "scripts/setup.sh")
