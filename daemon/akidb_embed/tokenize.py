@@ -11,7 +11,8 @@ that encodes (the rayon pool's included), keyed by the tokenizer (huggingface/to
 and is not freed with the tokenizer: each load of a BPE model left the words it cached behind in
 threads that live on (measured: 24 KiB per load of the tiny Qwen3-style test model after 20
 requests, and up to 10,000 words per thread with real text; the soak's daemon grew 16 % in 10
-minutes). Without the cache, encoding the test model's 256 x 200-word batch took as long.
+minutes). What it costs: a 30,000-token byte-level BPE (trained on Python sources) encoded 256
+texts of 200 words in 83 ms without the cache, 59 to 79 ms with it.
 """
 
 from __future__ import annotations
