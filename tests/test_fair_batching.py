@@ -24,7 +24,7 @@ from akidb_embed_client.protocol import encode_request
 from daemon_process import Daemon, run_daemon
 from test_batcher_queue import DIMENSION, FakeBackend, encoder, expected  # noqa: F401 - encoder is a fixture
 
-RUN_COST = 2  # tokens: the fair slice is 20 runs' worth, 40 padded tokens
+RUN_COST = 2  # tokens: the fair slice (FAIR_SLICE_RUNS of these) falls to its floor, FAIR_SLICE_MIN_TOKENS
 MAX_BATCH = 32
 OWNERS = {"bulk": "apple", "query": "zebra", "heavy": "cherry"}  # owner -> the word its texts start with
 
