@@ -5,8 +5,9 @@ each change: a new pinned manifest loads; a changed manifest or model file loads
 in the background while the old one serves, then swaps; a removed manifest retires its model
 once its requests finish. ``acquire`` hands out reference-counted models, loading on first use
 (one load however many ask, unless the entry's circuit is open: ``circuit.py``), after evicting
-least recently used idle models until the new one fits the budget. ``snapshot`` and ``describe``
-copy what ``status`` and ``models`` report, so no other module reads the registry's fields.
+least recently used idle models until the new one fits the budget. ``snapshot``, ``describe`` and
+``candidates`` hand out copies (``views.py``) for ``status``, ``models`` and routing, so no module
+but the registry and its views reads the registry's fields.
 Everything here runs on the event-loop thread; loads and unloads run on the loader thread.
 """
 
@@ -17,12 +18,12 @@ import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, UnknownModel
 
-from . import cache, selftest
+from . import cache, views
 from .catalog import Catalog, Entry
 from .circuit import Circuit
 from .events import EventPublisher
@@ -30,7 +31,7 @@ from .footprint import Footprint
 from .loader import LoadedModel, load_model
 from .manifest import Manifest
 from .memory import MIB, MemoryMonitor, MemorySample, process_rss
-from .profile import Profile, measure, profile_key
+from .profile import Profile, measure
 from .routing import Candidate
 from .settings import Settings
 from .state import ModelRecord, StateStore
@@ -38,17 +39,6 @@ from .stats import ModelStats
 from .workmem import GUARD
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The registry as ``status`` and ``models`` report it."""
-
-    models: list[dict[str, Any]]
-    default: str | None
-    memory: dict[str, Any]  # the memory source's latest sample
-    unaccounted: int  # bytes the daemon holds beyond its models' charges
-    evictions: int
 
 
 class Registry:
@@ -179,15 +169,6 @@ class Registry:
         self._save()
         return measured
 
-    def _profile(self, entry: Entry) -> dict[str, Any] | None:
-        """The profile of the version loaded, else of the one last loaded (on the provider it last ran on)."""
-        profiles = self.store.state.profiles
-        if entry.model is not None:
-            return profiles.get(profile_key(entry.model.fingerprint, entry.model.backend.providers[0]))
-        digest = self.store.recorded(entry.id).fingerprint
-        measured = [p for key, p in profiles.items() if digest and key.startswith(profile_key(digest, ""))]
-        return max(measured, key=lambda p: p.get("measured_at", 0), default=None)
-
     def pin(self, entry: Entry, pinned: bool) -> None:
         entry.pinned = pinned
         self.store.record(entry.id).pinned = pinned
@@ -232,58 +213,17 @@ class Registry:
         """Each model id's live statistics (read them on the event loop only)."""
         return {model_id: entry.stats for model_id, entry in self.entries.items()}
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self) -> views.Snapshot:
         """Every entry described, the memory sample and the cache's figures, copied for ``status`` and ``models``."""
-        return Snapshot(
-            [self._describe(entry) for entry in self.entries.values()], self.default_id(),
-            self.memory_sample().as_dict(), self.unaccounted, self.evictions,
-        )  # fmt: skip
+        return views.snapshot(self)
 
     def candidates(self) -> list[Candidate]:
         """Every entry as ``auto`` routing judges it (cheaper than ``snapshot``: no statistics)."""
-        return [self._candidate(entry) for entry in self.entries.values()]
-
-    def _candidate(self, entry: Entry) -> Candidate:
-        serving = entry.model.manifest if entry.model else entry.manifest
-        if serving is None:
-            return Candidate(entry.id, None, entry.state, "unverified", 0.0, None, error=entry.error)
-        memory = self.footprint(entry) if entry.model else self.estimate(entry.id, serving)[0]
-        return Candidate(entry.id, serving, entry.state, _verification(entry, serving), round(memory / MIB, 1),
-                         self._profile(entry), entry.error or entry.circuit.last_error, entry.circuit.state,
-                         lambda: self._no_room(entry, serving))  # fmt: skip
+        return [views.candidate(self, entry) for entry in self.entries.values()]
 
     def describe(self, model_id: str) -> dict[str, Any]:
         """One catalog entry as the ``models`` reply lists it (a copy: changing it changes nothing here)."""
-        return self._describe(self.entries[model_id])
-
-    def _describe(self, entry: Entry) -> dict[str, Any]:
-        serving = entry.model.manifest if entry.model else entry.manifest
-        info = serving.describe() if serving else {"id": entry.id}
-        estimate, source = self.estimate(entry.id, serving) if serving else (0, "unknown")
-        info.update(
-            state=entry.state, error=entry.error, update_error=entry.update_error, path=str(entry.path),
-            default=entry.id == self.default_id(),
-            pinned=entry.pinned, memory_mb=round(estimate / MIB, 1), memory_source=source,
-            keep_alive=default_keep_alive(serving, self.settings) if serving else None,
-            last_used=self.store.recorded(entry.id).last_used or None, stats=entry.stats.describe(),
-            verification=_verification(entry, serving), selftest=None,
-            profile=self._profile(entry), circuit=entry.circuit.describe(),
-        )  # fmt: skip
-        model = entry.model
-        if model is not None:
-            info.update(
-                fingerprint=model.fingerprint, provider=model.backend.providers[0], loaded_at=model.loaded_at,
-                last_used=model.last_used, in_flight=model.in_flight, requests=model.requests, served=model.served,
-                load_ms=round(model.load_seconds * 1e3, 1), queued_texts=model.queued_texts,
-                batches=model.batches_run, keep_alive=model.keep_alive,
-                memory_mb=round(self.footprint(entry) / MIB, 1), memory_source="measured",
-                weights_mb=_mb(model.footprint.weights), work_mb=_mb(model.footprint.work), peak_mb=_mb(model.peak),
-                threads=model.footprint.tuning.threads, run_cost_tokens=model.footprint.tuning.run_cost_tokens,
-                batch_tokens=model.batcher.rule.max_tokens,
-                selftest=model.selftest.as_dict() if model.selftest else None,
-            )  # fmt: skip
-        return info
-
+        return views.describe(self, self.entries[model_id])
 
     def _start_load(self, entry: Entry) -> None:
         entry.loading = asyncio.ensure_future(self._load_newest(entry))
@@ -298,7 +238,7 @@ class Registry:
         record = self.store.record(entry.id)
         try:
             self._make_room(entry, manifest)
-            keep_alive = default_keep_alive(manifest, self.settings)
+            keep_alive = views.default_keep_alive(manifest, self.settings)
             known = self.known_footprints()
             model = await loop.run_in_executor(self._loader, load_model, manifest, self.settings, loop, keep_alive, known)
         except InsufficientMemory as exc:
@@ -352,7 +292,7 @@ class Registry:
         for model_id in self._evictions_for(entry, manifest):
             self.evict(self.entries[model_id], f"least recently used, to make room for {entry.id}")
 
-    def _no_room(self, entry: Entry, manifest: Manifest) -> str | None:
+    def no_room(self, entry: Entry, manifest: Manifest) -> str | None:
         """Why a load of ``manifest`` could not fit now, evictions included; None if it could."""
         try:
             self._evictions_for(entry, manifest)
@@ -439,21 +379,3 @@ def _finish_load(entry: Entry, task: asyncio.Task) -> None:
     entry.circuit.abandoned()  # a trial load that ended without a verdict (no room, removed, cancelled)
     if not task.cancelled():
         task.exception()  # retrieved here: a background swap may have no one awaiting it
-
-
-def default_keep_alive(manifest: Manifest, settings: Settings) -> float:
-    """A model's keep_alive: its manifest's, else the daemon's default."""
-    return manifest.keep_alive if manifest.keep_alive is not None else settings.memory.keep_alive
-
-
-def _verification(entry: Entry, serving: Manifest | None) -> str:
-    """Loaded: it passed its self-test, or had none. Not loaded: it failed its self-test, will take one, or has none."""
-    if entry.model is not None:
-        return "passed" if entry.model.selftest else "unverified"
-    if serving is None or serving.golden is None:
-        return "unverified"
-    return "failed" if (entry.error or "").startswith(selftest.FAILED) else "pending"
-
-
-def _mb(count: int) -> float:
-    return round(count / MIB, 1)

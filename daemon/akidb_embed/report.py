@@ -10,7 +10,7 @@ from typing import Any
 
 from . import __version__
 from .memory import MIB
-from .registry import Snapshot
+from .views import Snapshot
 from .settings import Settings, Tenant
 from .tenancy import visible
 
