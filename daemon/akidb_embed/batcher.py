@@ -123,13 +123,14 @@ class Batcher:
                 trim_heap()
                 used_memory = False
                 continue
-            involved: list[Job] = list(jobs)
+            running: list[Job] = []  # the jobs with texts in this round's batch
             try:
                 self._enqueue(jobs)
-                self._serve(self._next_batch(involved))
+                self._serve(self._next_batch(running))
             except Exception as exc:  # the thread must outlive any one bad batch
                 log.exception("model %s: batch failed", self.name)
-                self._settle([(job, InternalError(f"inference failed on {self.name}: {exc}")) for job in involved])
+                failed = running or jobs  # the batch's jobs; with none yet, tokenizing the new ones failed
+                self._settle([(job, InternalError(f"inference failed on {self.name}: {exc}")) for job in failed])
             used_memory = True
 
     def _collect(self, idle_timeout: float | None) -> list[Job] | None:
@@ -150,11 +151,13 @@ class Batcher:
     def _enqueue(self, jobs: list[Job]) -> None:
         """Tokenize new jobs and queue their rows, shortest first, under their owners; settle those refused."""
         refused = []
-        for job in jobs:
-            if job.future.done():  # cancelled: answered already (shutdown), nothing to compute
-                self._dequeued(len(job.texts))
-                continue
-            mine = self.encoder.encode(job.texts)
+        live = [job for job in jobs if not job.future.done()]  # a done one was answered already (shutdown)
+        self._dequeued(sum(len(job.texts) for job in jobs) - sum(len(job.texts) for job in live))
+        encoded = self.encoder.encode([text for job in live for text in job.texts])  # one call for all new jobs
+        offset = 0
+        for job in live:
+            mine = encoded[offset : offset + len(job.texts)]
+            offset += len(job.texts)
             too_long = [i for i, t in enumerate(mine) if t.truncated] if not job.truncate else []
             if too_long:
                 refused.append((job, self._too_long(too_long[0])))
@@ -170,7 +173,7 @@ class Batcher:
         with self._wakeup:
             self._queued_texts -= texts
 
-    def _next_batch(self, involved: list[Job]) -> list[Row]:
+    def _next_batch(self, running: list[Job]) -> list[Row]:
         """The rows to run next, in fair order: up to max_batch; while owners contend, one slice's batch."""
         now = time.monotonic()
         recent = {owner for owner, t in self._last_served.items() if now - t < CONTENDED_SECONDS}
@@ -202,7 +205,7 @@ class Batcher:
             if not row.pending.done:
                 job.started = job.started or now
                 self._last_served[job.owner] = now
-                involved.append(job)
+                running.append(job)
                 live.append(row)
         self._settle(settled)
         self._last_served = {owner: self._last_served[owner] for owner in recent | {r.pending.job.owner for r in live}}
