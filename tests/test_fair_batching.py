@@ -144,3 +144,16 @@ def test_a_single_query_is_answered_before_a_bulk_stream_queued_ahead_of_it(daem
         bulk.close(linger=0)
         query.close(linger=0)
     assert order.index("q") <= 16, order  # measured: after 1; first-in first-out: after all 32
+
+
+def test_many_owners_of_single_texts_share_one_full_batch(encoder: TextEncoder) -> None:
+    """24 clients each wait with one short text (no one has more than a slice waiting): they run in one
+    batch bigger than the fair slice, not cut into slices, which would only cost throughput."""
+    hold = [("bulk", 1.0, [OWNERS["bulk"] + " hold"])]
+    singles = [(f"client-{i}", 1.0, [OWNERS["query"] + " where is the station"]) for i in range(24)]
+    outcomes, batches, shapes, slice_tokens = asyncio.run(serve(encoder, hold, singles))
+    assert batches[1:] == [["query"] * 24]
+    rows, longest = shapes[1]
+    assert rows * longest > slice_tokens  # the slice would have cut this batch
+    for (_, _, texts), embedded in zip(hold + singles, outcomes):
+        np.testing.assert_allclose(embedded.vectors, [expected(encoder, t) for t in texts], rtol=1e-6)

@@ -5,7 +5,8 @@ job and queues its texts, shortest first, under the job's owner (tenant and clie
 weighted fair queue (``fairqueue``), so one client's single query never waits behind all of
 another's 256-text request. Each round takes texts in fair order: up to ``max_batch`` of them
 while one owner has the model to itself; while more than one owner was served in the last
-``CONTENDED_SECONDS`` or is waiting, only as many as make one batch within the fair slice
+``CONTENDED_SECONDS`` or is waiting, and one of them has more than a slice waiting (a bulk stream,
+not many clients of single queries), only as many as make one batch within the fair slice
 (``slice_tokens`` padded tokens, ``FAIR_SLICE_RUNS`` runs' fixed cost), which bounds how long a
 newcomer waits for the round under way. A round's texts are sorted by length and cut into
 batches whose padded size stays within the token budget, whose working memory (``workmem`` cost
@@ -177,7 +178,9 @@ class Batcher:
         """The rows to run next, in fair order: up to max_batch; while owners contend, one slice's batch."""
         now = time.monotonic()
         recent = {owner for owner, t in self._last_served.items() if now - t < CONTENDED_SECONDS}
-        contended = len(recent | self._fair.owners()) > 1
+        # Cutting batches pays only when someone has more than a slice waiting: owners with a
+        # few texts each (many clients of single queries) all ride in one full batch.
+        contended = len(recent | self._fair.owners()) > 1 and self._fair.largest_backlog() > self.slice_tokens
         rows, longest = 0, 0
 
         def accept(row: Row) -> bool:

@@ -23,6 +23,7 @@ class _Flow(Generic[T]):
     weight: float
     items: deque[tuple[float, T]] = field(default_factory=deque)  # (cost, item), in the order served
     finish: float = 0.0  # virtual finish tag of its last item taken
+    backlog: float = 0.0  # the cost of its items waiting
 
 
 class FairQueue(Generic[T]):
@@ -41,6 +42,7 @@ class FairQueue(Generic[T]):
         flow = self._flows.setdefault(owner, _Flow(weight))
         flow.weight = weight
         flow.items.extend(items)
+        flow.backlog += sum(cost for cost, _ in items)
         self._count += len(items)
 
     def take(self, accept: Callable[[T], bool]) -> list[T]:
@@ -52,6 +54,7 @@ class FairQueue(Generic[T]):
             if not accept(item) and taken:  # asked of the first too, so it can count it
                 break
             flow.items.popleft()
+            flow.backlog -= cost
             self._count -= 1
             self._clock = max(flow.finish, self._clock)
             flow.finish = self._clock + cost / flow.weight
@@ -63,3 +66,7 @@ class FairQueue(Generic[T]):
     def owners(self) -> set[Hashable]:
         """Owners with items waiting."""
         return set(self._flows)
+
+    def largest_backlog(self) -> float:
+        """The cost waiting for the owner with the most; 0 when none wait."""
+        return max((flow.backlog for flow in self._flows.values()), default=0.0)
