@@ -16,17 +16,21 @@ except ImportError as error:
 
 from .adapters import AkidbOptions
 
+EMBED_BATCH_SIZE = 128
+
 
 class AkidbEmbedding(AkidbOptions, BaseEmbedding):
     """A LlamaIndex ``BaseEmbedding`` on the daemon; it connects per call, not at construction.
 
-    Options as ``AkidbOptions``; each batch of ``embed_batch_size`` texts is one request.
+    Options as ``AkidbOptions``; each batch of ``embed_batch_size`` texts (default 128) is one request.
     Daemon errors raise the client's exceptions (``UnknownModel``, ``ModelChanged``, ...).
     """
 
     def __init__(self, **options: Any) -> None:
         # LlamaIndex reports model_name in its events and traces.
         options.setdefault("model_name", options.get("model") or "akidb-embed default")
+        # LlamaIndex's default of 10 texts per request wastes the daemon's batching.
+        options.setdefault("embed_batch_size", EMBED_BATCH_SIZE)
         super().__init__(**options)
 
     @classmethod
