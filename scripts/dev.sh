@@ -38,5 +38,9 @@ echo "--- a client asks the daemon for embeddings ---" >&2
 "$AKIDB" embed "A man is eating food." "A man is eating a piece of bread." \
   "The girl is carrying a baby." "A man is riding a horse." "Ein Mann isst Brot."
 "$AKIDB" models
-echo "--- serving on $DEV/embed.sock (AKIDB_EMBED_SOCKET); Ctrl-C stops ---" >&2
-[ "${AKIDB_DEV_DEMO_ONLY:-0}" = 1 ] || wait $daemon
+if [ "${AKIDB_DEV_DEMO_ONLY:-0}" = 1 ]; then
+  echo "--- demo done (AKIDB_DEV_DEMO_ONLY=1): stopping the daemon ---" >&2
+else
+  echo "--- serving on $DEV/embed.sock (AKIDB_EMBED_SOCKET); Ctrl-C stops ---" >&2
+  wait $daemon
+fi

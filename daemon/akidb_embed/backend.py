@@ -1,8 +1,10 @@
 """ONNX Runtime backend: one session per loaded model and the execution-provider chain.
 
 The chain comes from config or manifest (TensorRT → CUDA → CPU by default). A provider this
-onnxruntime build lacks is skipped, a session that fails on a GPU provider is retried on the
-next ones, and a provider ORT silently dropped is noticed: each fallback is logged with its reason.
+onnxruntime build lacks, or whose CUDA/TensorRT libraries are missing (gpuprobe.py), is skipped
+before ONNX Runtime tries it; a session that fails on a GPU provider is retried on the next
+ones, and a provider ORT silently dropped is noticed. Each skip and fallback is logged once per
+process with its reason, and ONNX Runtime's own error dumps of a GPU attempt are kept quiet.
 
 No arena keeps a batch's memory for good: on the CPU there is none (ONNX Runtime's would hold
 the largest batch it has seen forever; freed activations go to the heap, which the daemon
@@ -13,14 +15,17 @@ a model inside its charge there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from . import gpuprobe
 from .tokenize import Padded
 
 if TYPE_CHECKING:
@@ -37,6 +42,10 @@ FEEDABLE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_id
 # Fusions whose CPU kernel is slower than the ops they replace: MiniLM bulk with Add + LayerNormalization
 # instead of SkipLayerNormalization ran 5 % (fp32) and 15 % (int8) faster.
 CPU_SLOWER_FUSIONS = ["SkipLayerNormFusion"]
+# ONNX Runtime's logger severities: warnings and up, errors only (as each session logs), fatal only (silent).
+ORT_WARNINGS, ORT_ERRORS, ORT_SILENT = 2, 3, 4
+
+Probe = Callable[[str], str | None]  # why a provider (tensorrt, cuda) cannot start here, or None
 
 
 class BackendError(RuntimeError):
@@ -57,6 +66,8 @@ class Backend(Protocol):
 
 # Providers this process saw fail to start; later loads skip them instead of failing (noisily) again.
 _failed_to_start: set[str] = set()
+# Skips already logged: a model load repeats them, the log says each once per process.
+_said: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -68,22 +79,37 @@ class DeviceMemory:
 
 
 def provider_chain(
-    requested: Sequence[str], available: Sequence[str], engine_cache: Path, memory: DeviceMemory
+    requested: Sequence[str],
+    available: Sequence[str],
+    engine_cache: Path,
+    memory: DeviceMemory,
+    probe: Probe = gpuprobe.why_not_here,
 ) -> list[tuple[str, dict[str, str]]]:
     """ORT providers with their options for the requested chain; CPU always ends it."""
     chain = []
     for name in requested:
         ort_name = ORT_NAMES[name]
         if ort_name not in available:
-            log.warning("execution provider %s skipped: this onnxruntime build does not have it", name)
+            _skip(name, "this onnxruntime build does not have it; install onnxruntime-gpu (on a Jetson, NVIDIA's build "
+                  "for your JetPack) or drop it from providers")  # fmt: skip
             continue
         if ort_name in _failed_to_start:
-            log.info("execution provider %s skipped: it failed to start earlier", name)
+            _skip(name, "it failed to start earlier")
+            continue
+        if (reason := probe(name)) is not None:
+            _skip(name, reason)
             continue
         chain.append((ort_name, provider_options(name, engine_cache, memory)))
     if not any(ort_name == ORT_NAMES["cpu"] for ort_name, _ in chain):
         chain.append((ORT_NAMES["cpu"], {}))
     return chain
+
+
+def _skip(name: str, reason: str) -> None:
+    """Say why a provider is skipped, once per process: every model load would repeat it."""
+    level = logging.DEBUG if (name, reason) in _said else logging.WARNING
+    _said.add((name, reason))
+    log.log(level, "execution provider %s skipped: %s", name, reason)
 
 
 def provider_options(name: str, engine_cache: Path, memory: DeviceMemory) -> dict[str, str]:
@@ -140,19 +166,36 @@ def create_session(
 
     for start in range(len(chain)):
         tried = chain[start:]
+        on_cpu = tried[0][0] == ORT_NAMES["cpu"]
         try:
-            session = ort.InferenceSession(
-                str(model), sess_options=options, providers=[p for p, _ in tried], provider_options=[o for _, o in tried],
-                disabled_optimizers=CPU_SLOWER_FUSIONS if tried[0][0] == ORT_NAMES["cpu"] else None,
-            )
+            with contextlib.nullcontext() if on_cpu else _ort_quiet(ort):
+                # enable_fallback=0: this loop falls back, keeping each provider's options and saying why;
+                # ORT's own fallback retries without them and prints an "EP Error" block to stdout.
+                session = ort.InferenceSession(
+                    str(model), sess_options=options, providers=[p for p, _ in tried], provider_options=[o for _, o in tried],
+                    disabled_optimizers=CPU_SLOWER_FUSIONS if on_cpu else None, enable_fallback=0,
+                )
         except Exception as exc:
-            if tried[0][0] == ORT_NAMES["cpu"]:
+            if on_cpu:
                 raise BackendError(f"onnxruntime cannot load {model}: {exc}") from None
             log.warning("%s: %s failed (%s); falling back", model.name, tried[0][0], _first_line(exc))
             continue
+        session.enable_fallback()  # at run time ORT's fallback stays as it was (a TensorRT engine failing at its first run)
         _log_dropped(model, [p for p, _ in tried], session.get_providers())
         return session
     raise BackendError(f"no execution provider could load {model}")
+
+
+@contextlib.contextmanager
+def _ort_quiet(ort: ModuleType) -> Iterator[None]:
+    """Silence ONNX Runtime's process-wide logger while a GPU provider starts: a provider that cannot
+    start prints a red multi-line dump there, and the fallback is logged here in one line anyway.
+    At log level debug it speaks (warnings and up), for whoever digs into why a GPU did not start."""
+    ort.set_default_logger_severity(ORT_WARNINGS if log.isEnabledFor(logging.DEBUG) else ORT_SILENT)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(ORT_ERRORS)
 
 
 def _log_dropped(model: Path, wanted: list[str], active: list[str]) -> None:
@@ -161,8 +204,8 @@ def _log_dropped(model: Path, wanted: list[str], active: list[str]) -> None:
         if provider not in active:
             _failed_to_start.add(provider)
             log.warning(
-                "%s: %s could not start (no GPU, or its CUDA/TensorRT libraries are missing: see onnxruntime's "
-                "message above); running on %s",
+                "%s: %s could not start (no GPU device, or a driver that does not match its CUDA libraries; "
+                'log_level = "debug" shows ONNX Runtime\'s own messages); running on %s',
                 model.name,
                 provider,
                 active[0],
@@ -178,7 +221,13 @@ class OnnxBackend:
     the model's batcher thread runs it."""
 
     def __init__(
-        self, model: Path, providers: Sequence[str], engine_cache: Path, memory: DeviceMemory, intra_op_threads: int = 0
+        self,
+        model: Path,
+        providers: Sequence[str],
+        engine_cache: Path,
+        memory: DeviceMemory,
+        intra_op_threads: int = 0,
+        probe: Probe = gpuprobe.why_not_here,
     ) -> None:
         if not model.is_file():
             raise BackendError(f"the ONNX file {model} does not exist; fix `model` in the manifest or convert the model")
@@ -188,7 +237,7 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
-        options.log_severity_level = 3  # errors only: ORT's warnings are noise in the journal
+        options.log_severity_level = ORT_ERRORS  # errors only: ORT's warnings are noise in the journal
         # No CPU arena: it would keep the largest batch's memory for good. The working budget
         # bounds each batch instead, and the freed heap goes back to the system when idle.
         options.enable_cpu_mem_arena = False
@@ -200,7 +249,7 @@ class OnnxBackend:
         # (int8 MiniLM p50 4.9 -> 4.5 ms) for +1.9 ms of CPU per request, and with other work on the
         # cores (the apps a Jetson runs beside us) the same p50 rose from 8.9 to 13.3 ms.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        chain = provider_chain(providers, ort.get_available_providers(), engine_cache, memory)
+        chain = provider_chain(providers, ort.get_available_providers(), engine_cache, memory, probe)
         self.session = create_session(model, chain, options)
         self.providers = self.session.get_providers()
         self.run_options = run_options(self.providers)

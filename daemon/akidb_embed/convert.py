@@ -157,6 +157,8 @@ def _require() -> tuple[Any, Any]:
     """torch and SentenceTransformer, or a ConversionError saying what to install."""
     for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # local folders only: never reach for the Hub
         os.environ.setdefault(flag, "1")
+    # transformers' "Loading weights" bar for a local folder: a stray line between the progress lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it: fail here with the fix, not mid-export)
         import torch
