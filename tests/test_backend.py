@@ -84,7 +84,7 @@ def test_gpu_memory_is_bounded_by_the_models_charge(tmp_path: Path) -> None:
 
 
 def test_chain_skips_what_the_build_lacks_and_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)
     chain = provider_chain(["tensorrt", "cuda", "cpu"], ["CPUExecutionProvider"], tmp_path, MEMORY)
     assert [name for name, _ in chain] == ["CPUExecutionProvider"]
     assert "tensorrt skipped: this onnxruntime build does not have it; install onnxruntime-gpu" in caplog.text

@@ -106,8 +106,11 @@ def provider_chain(
 
 
 def _skip(name: str, reason: str) -> None:
-    """Say why a provider is skipped, once per process: every model load would repeat it."""
-    level = logging.DEBUG if (name, reason) in _said else logging.WARNING
+    """Say why a provider is skipped, once per process: every model load would repeat it.
+
+    Info, not a warning: on a machine without a GPU the default chain skips them by design.
+    """
+    level = logging.DEBUG if (name, reason) in _said else logging.INFO
     _said.add((name, reason))
     log.log(level, "execution provider %s skipped: %s", name, reason)
 
