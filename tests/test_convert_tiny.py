@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import hfmodels
 import onnx
 import pytest
 import tinymodels
@@ -46,24 +47,10 @@ class Converted:
         return load_manifest(self.manifest).model
 
 
-def _save_tokenizer(tokenizer: object, folder: Path, **special: str) -> None:
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=128, **special)
-    fast.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BERT folder as sentence-transformers saves a plain HF model (mean pooling by default)."""
-    folder = tmp_path_factory.mktemp("tiny-bert-src")
-    tokenizer = tinymodels.build_encoder_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                                     initializer_range=0.2)  # BERT's 0.02 makes every text nearly the same vector
-    transformers.BertModel(config).save_pretrained(folder)
-    _save_tokenizer(tokenizer, folder, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-                    mask_token="[MASK]")
-    return folder
+    return hfmodels.build_bert(tmp_path_factory.mktemp("tiny-bert-src"))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +63,7 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                       max_position_embeddings=128, initializer_range=0.2)
     transformers.Qwen3Model(config).save_pretrained(folder)
-    _save_tokenizer(tokenizer, folder, pad_token=tinymodels.DECODER_EOS, eos_token=tinymodels.DECODER_EOS,
+    hfmodels.save_tokenizer(tokenizer, folder, pad_token=tinymodels.DECODER_EOS, eos_token=tinymodels.DECODER_EOS,
                     padding_side="left")
     modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
     (folder / "modules.json").write_text(json.dumps([

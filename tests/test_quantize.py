@@ -11,9 +11,9 @@ The damages keep the fp32 function (parity against sentence-transformers stays e
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
+import hfmodels
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -29,25 +29,6 @@ from akidb_embed.quantize import quantize_int8
 from akidb_embed.tokenize import TextEncoder
 
 TEXTS = list(DEFAULT_SENTENCES)
-
-
-def _tiny_bert(folder: Path, damage: Callable[[object], None]) -> Path:
-    """A sentence-transformers-style folder (plain HF BERT, mean pooling) of a 2-layer BERT, ``damage`` applied."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    tokenizer = tinymodels.build_encoder_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                                     initializer_range=0.2)
-    model = transformers.BertModel(config)
-    with torch.no_grad():
-        damage(model)
-    model.save_pretrained(folder)
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=128, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
-    return folder
 
 
 def _outlier_channels(model: object) -> None:
@@ -88,7 +69,7 @@ def test_channel_outliers_keep_their_matmul_fp32(tmp_path: Path) -> None:
     """1. the fused fp32 graph of the damaged BERT passes its gate  2. quantize_int8 keeps the two attention output
     MatMuls (found by structure: they read Attention) fp32 with their weights, quantizes all the rest, and says so
     3. the result loads and stays near fp32 (mean cosine >= 0.99), where plain dynamic int8 falls far below."""
-    src = _tiny_bert(tmp_path / "src", _outlier_channels)
+    src = hfmodels.build_bert(tmp_path / "src", _outlier_channels)
     manifest, report = convert(src, "damaged", tmp_path / "fp32", progress=lambda message: None)
     assert report.precision == "fp32" and report.fusions.get("Attention") == 2
     fp32 = load_manifest(manifest).model
@@ -119,7 +100,7 @@ def test_channel_outliers_keep_their_matmul_fp32(tmp_path: Path) -> None:
 def test_the_gate_refuses_int8_that_misses_and_writes_nothing(tmp_path: Path) -> None:
     """1. the BERT with an outlier embedding row passes fp32 parity but not int8's: a ConversionError naming min and
     mean cosine, the gate and the worst sentence  2. no model folder, manifest or staging folder is left."""
-    src = _tiny_bert(tmp_path / "src", _outlier_word)
+    src = hfmodels.build_bert(tmp_path / "src", _outlier_word)
     out, catalog = tmp_path / "models" / "damaged", tmp_path / "models.d"
     with pytest.raises(ConversionError) as caught:
         convert(src, "damaged", out, catalog, quantize="int8", progress=lambda message: None)

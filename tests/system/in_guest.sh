@@ -3,7 +3,8 @@
 #
 # Runs as root inside a booted Debian 12 guest (boot-and-run.sh) with a real systemd, and
 # walks akidb-embed's package through its life, one numbered step after another:
-#    1 install      apt-get install of both .debs: the service is enabled, active, shows a STATUS
+#    1 install      apt-get install of both .debs: the service is enabled, active, shows a STATUS,
+#                   runs in group video (the Jetson GPU's)
 #    2 verify       systemd-analyze verify of the installed unit; systemd-analyze security's
 #                   exposure at or below EXPOSURE_BOUND; @system-service calls and AF_UNIX only;
 #                   [metrics] http refused (logged) until the documented drop-in allows AF_INET
@@ -11,7 +12,8 @@
 #    4 hot-load     a real model copied in and its manifest renamed into models.d: served
 #                   without a restart (same MainPID), verified by its golden vectors, and
 #                   counted in the metrics textfile; manifests naming /etc/shadow (directly and
-#                   through a symlink in a model root) listed invalid and never opened
+#                   through a symlink in a model root) listed invalid and never opened; the
+#                   journal names the provider (CPU: the build has no TensorRT)
 #    5 clients      system Python client as a member of group akidb-embed gets a (1, 384)
 #                   vector; a user outside the group cannot open the socket
 #    6 tenants      two apps as real users, set up as README.Debian says (a group each, the
@@ -24,11 +26,12 @@
 #                   restarted, while a client with retries still gets its answer
 #    9 stop         `systemctl stop` with requests in flight: each gets a reply; no SIGSYS
 #                   (SystemCallFilter=) in the whole run's journal
-#   10 upgrade      a newer version installed over it restarts the service, keeps the state
-#                   and the catalog
+#   10 upgrade      a newer version installed over it (apt install ./FILE.deb, as
+#                   docs/operating.md says) restarts the service, keeps the state and the catalog
 #   11 remove       service stopped and gone, conffiles and models kept
 #   12 purge        nothing of ours left
-# A step that fails prints "FAILED step N (name): why", the unit's status and journal, and
+# Commands of docs/operating.md that need systemd are run here (tests/test_operating_guide.py
+# checks that each is). A step that fails prints "FAILED step N (name): why", the unit's status and journal, and
 # ends the run (the later steps depend on it). Each step's outcome is appended as a JSON line
 # to $HARNESS_OUT/results.jsonl; bench_service.sh's figures go to $HARNESS_OUT/bench.txt.
 #
@@ -190,6 +193,9 @@ grep -q "Status: \"" <<<"$(systemctl status "$UNIT" --no-pager 2>&1)" \
     || fail "systemctl status shows no Status: line: $(systemctl status "$UNIT" --no-pager 2>&1 | head -n 8)"
 note "status: $status_text"
 [ "$(prop Type)" = notify ] || fail "Type=$(prop Type), expected notify"
+# the GPU's device files are group video on a Jetson: the command docs/operating.md gives to check it
+groups=$(systemctl show -P SupplementaryGroups akidb-embed)
+[[ " $groups " == *" video "* ]] || fail "SupplementaryGroups='$groups' lacks video (the Jetson GPU's group)"
 pid=$(main_pid)
 [ "$(ps -o user= -p "$pid")" = akidb-embed ] || fail "the daemon runs as $(ps -o user= -p "$pid"), not akidb-embed"
 getent group akidb-embed >/dev/null || fail "no group akidb-embed"
@@ -294,6 +300,14 @@ wait_until 15 served || fail "15 s after the manifest appeared, $MODEL_ID is '$(
 out=$(akidb-embed embed --timeout 120 --json "a first sentence for the new model" 2>&1) || fail "akidb-embed embed failed: $out"
 dim=$(json_get "$out" 'd["dimension"]')
 [ "$dim" = 384 ] || fail "the embedding has dimension $dim, expected 384"
+# the journal says which provider serves it (docs/operating.md reads these lines): the CPU build has no TensorRT
+journal_loaded() {
+    loaded=$(journalctl -u "$UNIT" --no-pager | grep 'loaded in')
+    [[ $loaded == *"model $MODEL_ID: loaded in "*" on CPUExecutionProvider;"* ]]
+}
+wait_until 10 journal_loaded || fail "no 'model $MODEL_ID: loaded in ... on CPUExecutionProvider' in the journal: $(journalctl -u "$UNIT" --no-pager | tail -n 5)"
+grep -q "execution provider tensorrt skipped: this onnxruntime build does not have it" <<<"$(journalctl -u "$UNIT" --no-pager)" \
+    || fail "the journal does not say the CPU build has no TensorRT provider: $(journalctl -u "$UNIT" --no-pager | grep -i provider | tail -n 3)"
 verification=$(akidb-embed models --json 2>/dev/null | python3 -c '
 import json, sys
 print(next((m.get("verification") for m in json.load(sys.stdin) if m.get("id") == sys.argv[1]), "absent"))' "$MODEL_ID")
@@ -583,8 +597,9 @@ snapshot() {   # the files we keep across an upgrade, with their checksums (stat
 }
 keep=$(snapshot)
 new_version=$(dpkg-deb -f "$UPGRADE_DEB" Version)
-apt-get install -y --no-install-recommends "$UPGRADE_DEB" </dev/null >"$OUT/upgrade.log" 2>&1 \
-    || fail "apt-get install of $new_version failed: $(tail -n 15 "$OUT/upgrade.log")"
+arch=$(dpkg --print-architecture)
+(cd "$(dirname "$UPGRADE_DEB")" && apt install -y ./akidb-embed_"$new_version"_"$arch".deb) </dev/null >"$OUT/upgrade.log" 2>&1 \
+    || fail "apt install of $new_version failed: $(tail -n 15 "$OUT/upgrade.log")"
 [ "$(dpkg-query -W -f='${Version}' akidb-embed)" = "$new_version" ] || fail "akidb-embed is $(dpkg-query -W -f='${Version}' akidb-embed) after the upgrade, not $new_version"
 wait_until 5 is_active || fail "the service is $(systemctl is-active "$UNIT") after the upgrade"
 [ "$(main_pid)" != "$pid" ] || fail "the upgrade did not restart the service (MainPID still $pid)"
