@@ -54,16 +54,7 @@ def _save_tokenizer(tokenizer: object, folder: Path, **special: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BERT folder as sentence-transformers saves a plain HF model (mean pooling by default)."""
-    folder = tmp_path_factory.mktemp("tiny-bert-src")
-    tokenizer = tinymodels.build_encoder_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                                     initializer_range=0.2)  # BERT's 0.02 makes every text nearly the same vector
-    transformers.BertModel(config).save_pretrained(folder)
-    _save_tokenizer(tokenizer, folder, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-                    mask_token="[MASK]")
-    return folder
+    return tinymodels.build_bert_source(tmp_path_factory.mktemp("tiny-bert-src"))
 
 
 @pytest.fixture(scope="module")

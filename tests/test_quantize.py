@@ -32,22 +32,10 @@ TEXTS = list(DEFAULT_SENTENCES)
 
 
 def _tiny_bert(folder: Path, damage: Callable[[object], None]) -> Path:
-    """A sentence-transformers-style folder (plain HF BERT, mean pooling) of a 2-layer BERT, ``damage`` applied."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    tokenizer = tinymodels.build_encoder_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                                     initializer_range=0.2)
-    model = transformers.BertModel(config)
-    with torch.no_grad():
-        damage(model)
-    model.save_pretrained(folder)
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=128, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
-    return folder
+    """A sentence-transformers-style folder of a 2-layer BERT, ``damage`` applied."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return tinymodels.build_bert_source(folder, damage)
 
 
 def _outlier_channels(model: object) -> None:

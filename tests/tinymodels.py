@@ -5,13 +5,14 @@ the other tokens through ``attention_mask`` (and ``position_ids`` for the decode
 padding mistakes change the vectors. ``reference_embed`` is the independent, unpadded yardstick, and
 ``write_golden`` stores its vectors as a model's golden vectors for the daemon's load self-test.
 ``build_attention_encoder`` is a real one-layer multi-head self-attention encoder: its activations grow
-with batch x heads x length^2, as a real BERT's do, for the memory tests.
+with batch x heads x length^2, as a real BERT's do, for the memory tests. ``build_bert_source`` is a real
+2-layer transformers BERT saved as sentence-transformers loads it: a source for ``akidb-embed convert``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -203,6 +204,28 @@ def build_decoder(out_dir: Path, *, hidden: int = 48, seed: int = 0) -> None:
     ]
     _save_model(out_dir, nodes, inputs, inits, hidden, "tiny_decoder")
     tok.save(str(out_dir / TOKENIZER_FILE))
+
+
+def build_bert_source(folder: Path, damage: Callable[[Any], None] | None = None) -> Path:
+    """A sentence-transformers-style folder (plain HF BERT, mean pooling) of a 2-layer BERT with the encoder
+    tokenizer, ``damage`` applied to its weights first; needs torch and transformers (imported here only)."""
+    import torch
+    import transformers
+
+    tokenizer = build_encoder_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                     initializer_range=0.2)  # BERT's 0.02 makes every text nearly the same vector
+    model = transformers.BertModel(config)
+    if damage is not None:
+        with torch.no_grad():
+            damage(model)
+    model.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=128, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    return folder
 
 
 def build_attention_encoder(
