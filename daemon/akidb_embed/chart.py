@@ -47,7 +47,7 @@ class Point:
 
     @property
     def label(self) -> str:
-        return f"{self.model} ({self.precision})"
+        return f"{self.model} ({self.precision}) · {self.memory_mb:.0f} MB"
 
 
 @dataclass(frozen=True)
