@@ -19,8 +19,8 @@ import numpy as np
 
 from akidb_embed_client import AUTO_MODEL, KEEP_ALIVE_FOREVER, Client, EmbedError, Embeddings, Unavailable
 
-from . import eventlog, top
-from .modeltable import GIB, MIB, ago, memory_cell, models_table, parts_cell, profiles_table, scalar, table
+from . import chart, eventlog, top
+from .modeltable import MIB, ago, human_bytes, memory_cell, models_table, parts_cell, profiles_table, scalar, table
 
 TEXT_WIDTH = 40
 SHOWN_COMPONENTS = 4
@@ -100,6 +100,7 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("models", nargs="*", metavar="MODEL", help="model ids (default: every enabled model)")
     bench.add_argument("--texts", type=int, metavar="N", help="single-text requests to time (default: 100)")
+    bench.add_argument("--plot", metavar="FILE", type=chart.plot_file, help=chart.HELP)
     bench.set_defaults(func=bench_command)
 
     status = subparsers.add_parser("status", parents=[connection], help="show the daemon's status")
@@ -220,7 +221,7 @@ def model_command(args: argparse.Namespace) -> int:
 
 @_exit_codes
 def bench_command(args: argparse.Namespace) -> int:
-    """Profile each model in turn (progress on stderr), then print the profiles."""
+    """Profile each model in turn (progress on stderr), then print the profiles; with --plot, draw every profile."""
     profiles, failed = [], 0
     with _client(args, BENCH_TIMEOUT) as client:
         ids = args.models or [m["id"] for m in client.models() if m.get("state") not in ("invalid", "disabled")]
@@ -234,7 +235,10 @@ def bench_command(args: argparse.Namespace) -> int:
                 failed += 1
                 if isinstance(exc, Unavailable):
                     return EXIT_UNAVAILABLE
+        everything = client.models() if args.plot else []  # the chart shows models profiled before too
     print(json.dumps(dict(profiles), indent=2) if args.json else profiles_table(profiles))
+    if args.plot:
+        chart.plot(args.plot, everything)
     return EXIT_ERROR if failed else 0
 
 
@@ -292,11 +296,6 @@ def status_value(key: str, value: Any) -> str:
     if (name == "pressure" or name.endswith("_watermark")) and 0 <= value <= 1:
         return f"{value * 100:.1f}%"
     return str(value)
-
-
-def human_bytes(count: float) -> str:
-    """Bytes as GiB from 1 GiB up, else MiB."""
-    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / MIB:.0f} MiB"
 
 
 def _languages(text: str) -> list[str]:

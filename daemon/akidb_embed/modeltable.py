@@ -102,6 +102,11 @@ def parts_cell(m: Model) -> str:
     return "-" if None in parts else "/".join(f"{mb:.0f}" for mb in parts) + " MB"
 
 
+def human_bytes(count: float) -> str:
+    """Bytes as GiB from 1 GiB up, else MiB."""
+    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / MIB:.0f} MiB"
+
+
 def ago(stamp: float | None, now: float) -> str:
     """How long ago a Unix time was, in its largest whole unit: ``12s ago``, ``5m ago``."""
     if stamp is None:
