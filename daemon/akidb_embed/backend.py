@@ -234,7 +234,8 @@ class OnnxBackend:
     ) -> None:
         if not model.is_file():
             raise BackendError(f"the ONNX file {model} does not exist; fix `model` in the manifest or convert the model")
-        # Imported with the first model: an idle daemon does without its ~18 MiB.
+        # Imported here, not with the module: modules that only name the backend (the batcher,
+        # the converter's helpers) stay light. The daemon itself imports it at start (app.py).
         import onnxruntime as ort
 
         options = ort.SessionOptions()
