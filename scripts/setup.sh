@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3 python3-venv python3-dev fortunes fortunes-de fortunes-es)
+APT_PACKAGES=(python3 python3-venv python3-dev fortunes fortunes-de fortunes-es curl)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
