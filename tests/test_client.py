@@ -379,9 +379,9 @@ def test_cli_models_table(serve: Callable[..., StandIn], capsys: pytest.CaptureF
 
 
 def test_cli_models_table_units() -> None:
-    assert cli.ago(None, 100.0) == "-" and cli.ago(100.0, 99.0) == "0s ago"
-    assert [cli.ago(0, s) for s in (59.9, 60, 7199, 86400 * 3)] == ["59s ago", "1m ago", "1h ago", "3d ago"]
-    assert cli.models_table([]) == "no models in the catalog"
+    assert modeltable.ago(None, 100.0) == "-" and modeltable.ago(100.0, 99.0) == "0s ago"
+    assert [modeltable.ago(0, s) for s in (59.9, 60, 7199, 86400 * 3)] == ["59s ago", "1m ago", "1h ago", "3d ago"]
+    assert modeltable.models_table([]) == "no models in the catalog"
 
 
 def test_cli_status_shows_memory_first_in_human_units(
@@ -430,11 +430,11 @@ def test_cli_model_commands(
     assert timeouts == [cli.LOAD_TIMEOUT, cli.LOAD_TIMEOUT, 7.0, 10.0, 10.0, 10.0]
     assert run_cli(["pin", "mini", "--json", *socket]) == 0
     assert json.loads(capsys.readouterr().out) == {**MODELS[0], "op": "pin"}
-    described = cli.model_summary({"id": "big", "state": "available", "pinned": False, "memory_mb": 900,
-                                   "memory_source": "manifest", "keep_alive": -1, "error": "no room"})
+    described = modeltable.model_summary({"id": "big", "state": "available", "pinned": False, "memory_mb": 900,
+                                          "memory_source": "manifest", "keep_alive": -1, "error": "no room"})
     assert described == (
         "big: available, not pinned, memory ~900 MB (manifest), load -, keep-alive forever; error: no room")
-    assert cli.memory_cell({"memory_mb": 0.0, "memory_source": "unknown"}) == "-"
+    assert modeltable.memory_cell({"memory_mb": 0.0, "memory_source": "unknown"}) == "-"
 
 
 @pytest.mark.parametrize("text", ["soon", "5x", "nan", "inf", ""])

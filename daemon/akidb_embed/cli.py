@@ -1,7 +1,8 @@
 """Command-line front-ends to the client: embed, models, status, load, unload, pin, unpin, and events.
 
 These talk to a running daemon through akidb_embed_client only, so they work from any
-machine user that can open the socket.
+machine user that can open the socket. Here: the arguments and the calls; the text they
+print comes from display.py (embed, status) and modeltable.py (models, bench, load and the like).
 """
 
 from __future__ import annotations
@@ -11,19 +12,15 @@ import functools
 import json
 import math
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from akidb_embed_client import AUTO_MODEL, KEEP_ALIVE_FOREVER, Client, EmbedError, Embeddings, Unavailable
+from akidb_embed_client import AUTO_MODEL, KEEP_ALIVE_FOREVER, Client, EmbedError, Unavailable
 
 from . import chart, eventlog, top
-from .modeltable import MIB, ago, human_bytes, memory_cell, models_table, parts_cell, profiles_table, scalar, table
+from .display import choice_lines, embeddings_json, embeddings_table, similarity_table, status_lines
+from .modeltable import fits_table, model_summary, models_table, profiles_table
 
-TEXT_WIDTH = 40
-SHOWN_COMPONENTS = 4
 EXIT_ERROR = 2
 EXIT_UNAVAILABLE = 3
 DEFAULT_TIMEOUT = 10.0
@@ -36,9 +33,6 @@ MODEL_OPS = {
     "unpin": "let the daemon unload a pinned model again",
     "tune": "measure a model's threads and batch cut again on this machine and reload it with them",
 }
-# status shows memory first, these in this order; the rest follow in the daemon's order
-STATUS_FIRST = ("memory.source", "memory.pressure", "memory.used", "memory.available", "memory.total")
-BYTE_FIELDS = {"total", "available", "used", "own_rss", "swap_used", "swap_total"}
 
 
 def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -177,37 +171,12 @@ def constraints_of(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in given.items() if value is not None}
 
 
-def choice_lines(vectors: Embeddings) -> list[str]:
-    """What the daemon chose for the request, if it chose: the auto model, a fallback."""
-    lines = []
-    if vectors.auto is not None:
-        auto = vectors.auto
-        lines.append(f"auto: {vectors.model} (fingerprint {vectors.fingerprint}), judged on its {auto['judged_on']}"
-                     + (f", prompt {auto['prompt']}" if auto.get("prompt") else ""))  # fmt: skip
-    if vectors.fallback is not None:
-        fallback = vectors.fallback
-        lines.append(f"fallback: {vectors.model} served for {fallback['requested']} ({fallback['reason']}: "
-                     f"{fallback['message']})")  # fmt: skip
-    return lines
-
-
 @_exit_codes
 def models_command(args: argparse.Namespace) -> int:
     """Print every model in the catalog with its state; with --fits, those that meet the constraints."""
     if args.fits:
         return _show(args, lambda client: client.fits(constraints_of(args)), fits_table)
     return _show(args, Client.models, functools.partial(models_table, wide=args.wide))
-
-
-def fits_table(fits: dict[str, Any]) -> str:
-    """The models that fit, best first, then the others with the constraint each failed."""
-    fitting = [[str(i + 1), c["id"], c["judged_on"], c["prompt"] or "", str(c["dimensions"] or "")]
-               for i, c in enumerate(fits["fitting"])]  # fmt: skip
-    rejected = [[r["id"], r["reason"]] for r in fits["rejected"]]
-    return "\n".join([
-        table(["#", "fits", "judged on", "prompt", "dimensions"], fitting) if fitting else "no model fits",
-        *(["", table(["does not fit", "why"], rejected)] if rejected else []),
-    ])  # fmt: skip
 
 
 @_exit_codes
@@ -261,43 +230,6 @@ def status_command(args: argparse.Namespace) -> int:
     return _show(args, Client.status, status_lines)
 
 
-def model_summary(m: dict[str, Any]) -> str:
-    """One line: id, state, pinned, memory, load time and keep-alive, then the error if any."""
-    keep_alive = m.get("keep_alive")
-    parts = [
-        f"{m.get('id')}: {m.get('state')}",
-        "pinned" if m.get("pinned") else "not pinned",
-        f"memory {memory_cell(m)}" + (f" ({m['memory_source']})" if m.get("memory_source") else ""),
-        "load -" if m.get("load_ms") is None else f"load {m['load_ms']:.0f} ms",
-        "keep-alive " + ("-" if keep_alive is None else "forever" if keep_alive < 0 else f"{keep_alive:g}s"),
-    ]
-    if m.get("threads") is not None:
-        parts.append(f"{m['threads'] or 'auto'} threads, batches up to {m['batch_tokens']} tokens")
-    return ", ".join(parts) + (f"; error: {m['error']}" if m.get("error") else "")
-
-
-def status_lines(status: dict[str, Any]) -> str:
-    """Aligned key/value lines: memory first (source, pressure, sizes), then the rest."""
-    pairs = dict(flatten(status))
-    keys = sorted(pairs, key=lambda key: (key.split(".")[0] != "memory", (*STATUS_FIRST, key).index(key)))
-    width = max((len(key) for key in keys), default=0)
-    return "\n".join(f"{key:<{width}}  {status_value(key, pairs[key])}" for key in keys)
-
-
-def status_value(key: str, value: Any) -> str:
-    """A status value in human units: bytes and MB as MiB/GiB, fractions as percentages."""
-    name = key.rsplit(".", 1)[-1]
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return scalar(value)
-    if key.startswith("memory.") and name in BYTE_FIELDS:
-        return human_bytes(value)
-    if name.endswith("_mb"):
-        return human_bytes(value * MIB)
-    if (name == "pressure" or name.endswith("_watermark")) and 0 <= value <= 1:
-        return f"{value * 100:.1f}%"
-    return str(value)
-
-
 def _languages(text: str) -> list[str]:
     """``de,en`` as a list."""
     languages = [language.strip() for language in text.split(",") if language.strip()]
@@ -316,60 +248,3 @@ def seconds(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use seconds (30), 5m, 2h or forever")
     return float(value)
-
-
-def embeddings_json(texts: Sequence[str], vectors: Embeddings) -> dict[str, Any]:
-    """The embed result as plain JSON data, vectors as lists."""
-    tokens = vectors.tokens or [None] * len(texts)
-    return {
-        "model": vectors.model, "fingerprint": vectors.fingerprint, "dimension": vectors.dimension,
-        "embeddings": [
-            {"text": text, "tokens": count, "vector": row.tolist()}
-            for text, count, row in zip(texts, tokens, np.asarray(vectors))
-        ],
-    }
-
-
-def embeddings_table(texts: Sequence[str], vectors: Embeddings) -> str:
-    """One row per text: the text, model, dimension, tokens, leading components and norm."""
-    tokens = vectors.tokens or [None] * len(texts)
-    rows = []
-    for index, (text, count, row) in enumerate(zip(texts, tokens, np.asarray(vectors))):
-        head = " ".join(f"{x:+.4f}" for x in row[:SHOWN_COMPONENTS])
-        more = " ..." if row.size > SHOWN_COMPONENTS else ""
-        dimension = vectors.dimension if vectors.dimension is not None else row.size
-        rows.append([
-            str(index), shorten(text), str(vectors.model), str(dimension), "" if count is None else str(count),
-            f"[{head}{more}]", f"{np.linalg.norm(row):.4f}",
-        ])
-    return table(["#", "text", "model", "dim", "tokens", "vector", "norm"], rows)
-
-
-def similarity_table(vectors: np.ndarray) -> str:
-    """The cosine similarity of every pair of rows, as a table indexed like the texts."""
-    matrix = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    # A zero vector has no direction; leave its similarities at zero instead of dividing by 0.
-    unit = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
-    cosine = unit @ unit.T
-    headers = [""] + [str(i) for i in range(len(cosine))]
-    rows = [[str(i)] + [f"{x:+.4f}" for x in line] for i, line in enumerate(cosine)]
-    return table(headers, rows)
-
-
-def shorten(text: str, width: int = TEXT_WIDTH) -> str:
-    """The text on one line, cut to ``width`` characters with an ellipsis."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dicts as dotted keys, e.g. ``{"models": {"ready": 2}}`` → ``models.ready``."""
-    pairs: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            pairs.extend(flatten(value, f"{name}."))
-        else:
-            pairs.append((name, value))
-    return pairs

@@ -1,4 +1,6 @@
-"""How the command line shows models: the ``models`` table (``--wide`` for every column) and the profiles of ``bench``.
+"""How the command line shows models: the ``models`` table (``--wide`` for every column), the models that fit
+(``models --fits``), the one-line summary of ``load``, ``unload``, ``pin``, ``unpin`` and ``tune``, and the
+profiles of ``bench``.
 
 Each column is a header and a function of one model's entry in the ``models`` reply. A figure
 the daemon did not send (an older daemon, a model never profiled, an empty window) shows ``—``
@@ -35,6 +37,32 @@ def profiles_table(profiles: Sequence[tuple[str, Model]]) -> str:
     """One row per benchmarked model: (id, profile) pairs."""
     headers = ["id", *(header for header, _ in _PROFILE_COLUMNS)]
     return table(headers, [[model_id, *(cell(p) for _, cell in _PROFILE_COLUMNS)] for model_id, p in profiles])
+
+
+def fits_table(fits: dict[str, Any]) -> str:
+    """The models that fit, best first, then the others with the constraint each failed."""
+    fitting = [[str(i + 1), c["id"], c["judged_on"], c["prompt"] or "", str(c["dimensions"] or "")]
+               for i, c in enumerate(fits["fitting"])]  # fmt: skip
+    rejected = [[r["id"], r["reason"]] for r in fits["rejected"]]
+    return "\n".join([
+        table(["#", "fits", "judged on", "prompt", "dimensions"], fitting) if fitting else "no model fits",
+        *(["", table(["does not fit", "why"], rejected)] if rejected else []),
+    ])  # fmt: skip
+
+
+def model_summary(m: Model) -> str:
+    """One line: id, state, pinned, memory, load time and keep-alive, then the error if any."""
+    keep_alive = m.get("keep_alive")
+    parts = [
+        f"{m.get('id')}: {m.get('state')}",
+        "pinned" if m.get("pinned") else "not pinned",
+        f"memory {memory_cell(m)}" + (f" ({m['memory_source']})" if m.get("memory_source") else ""),
+        "load -" if m.get("load_ms") is None else f"load {m['load_ms']:.0f} ms",
+        "keep-alive " + ("-" if keep_alive is None else "forever" if keep_alive < 0 else f"{keep_alive:g}s"),
+    ]
+    if m.get("threads") is not None:
+        parts.append(f"{m['threads'] or 'auto'} threads, batches up to {m['batch_tokens']} tokens")
+    return ", ".join(parts) + (f"; error: {m['error']}" if m.get("error") else "")
 
 
 def state_cell(model: Model) -> str:
