@@ -1,4 +1,5 @@
-"""Command line: ``akidb-embed serve|convert|embed|models|status``."""
+"""Command line: ``akidb-embed serve`` and ``convert`` here; the client commands (embed, models, bench, status, top,
+events, load, unload, pin, unpin, tune) in cli.py."""
 
 from __future__ import annotations
 
