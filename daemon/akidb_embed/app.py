@@ -87,7 +87,7 @@ async def _serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, _reload, registry, watcher, notifier, describe)
     if os.environ.get(TEST_HANG_ENV) == "1":
         loop.add_signal_handler(signal.SIGUSR2, _hang_for_tests)
-    registry.idle_rss = process_rss()  # bound, watching, scanned, no model loaded yet
+    registry.ledger.idle_rss = process_rss()  # bound, watching, scanned, no model loaded yet
     background = [
         asyncio.ensure_future(server.serve()),
         asyncio.ensure_future(Upkeep(registry).run(settings.memory.check_seconds, report)),

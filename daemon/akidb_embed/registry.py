@@ -5,9 +5,10 @@ each change: a new pinned manifest loads; a changed manifest or model file loads
 in the background while the old one serves, then swaps; a removed manifest retires its model
 once its requests finish. ``acquire`` hands out reference-counted models, loading on first use
 (one load however many ask, unless the entry's circuit is open: ``circuit.py``), after evicting
-least recently used idle models until the new one fits the budget. ``snapshot``, ``describe`` and
-``candidates`` hand out copies (``views.py``) for ``status``, ``models`` and routing, so no module
-but the registry and its views reads the registry's fields.
+least recently used idle models until the new one fits the budget (``ledger.py`` keeps the charges
+and says what a load needs evicted). ``snapshot``, ``describe`` and ``candidates`` hand out copies
+(``views.py``) for ``status``, ``models`` and routing, so no module but the registry and its views
+reads the registry's fields.
 Everything here runs on the event-loop thread; loads and unloads run on the loader thread.
 """
 
@@ -18,25 +19,23 @@ import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from typing import Any
 
 from akidb_embed_client.errors import InsufficientMemory, ModelUnavailable, UnknownModel
 
-from . import cache, views
+from . import views
 from .catalog import Catalog, Entry
 from .circuit import Circuit
 from .events import EventPublisher
-from .footprint import Footprint
 from .loader import LoadedModel, load_model
 from .manifest import Manifest
-from .memory import MIB, MemoryMonitor, MemorySample, process_rss
+from .ledger import Ledger
+from .memory import MemoryMonitor
 from .profile import Profile, measure
 from .routing import Candidate
 from .settings import Settings
-from .state import ModelRecord, StateStore
+from .state import StateStore
 from .stats import ModelStats
-from .workmem import GUARD
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +45,12 @@ class Registry:
 
     def __init__(self, settings: Settings, monitor: MemoryMonitor, store: StateStore) -> None:
         self.settings = settings
-        self.monitor = monitor
         self.store = store
         self.catalog = Catalog(settings.catalog, settings.all_model_roots)
         self.entries = self.catalog.entries  # by model id; the catalog keeps them in step with the directory
+        self.ledger = Ledger(settings.memory, monitor, store, self.entries)  # the charges, what a load must evict
         self.evictions = 0
         self.events = EventPublisher()  # bound by the app beside the request socket
-        self.unaccounted = 0  # bytes the daemon holds beyond its models' charges (upkeep measures it)
-        self.idle_rss = process_rss()  # the daemon's resident size with no model; the app sets it once ready
         # One loader thread: loads and closes happen one at a time, in the order they were asked for.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
 
@@ -148,10 +145,7 @@ class Registry:
         await self.load(entry)  # its fingerprint is known once loaded
         while entry.loading is not None:  # a swap under way would keep the old figures
             await asyncio.shield(entry.loading)
-        digest = entry.model.fingerprint
-        for record in self.store.state.models.values():
-            if record.fingerprint == digest:
-                record.memory = {}
+        self.ledger.forget(entry.model.fingerprint)
         log.info("model %s: tuning again on request", entry.id)
         self._start_load(entry)
         await asyncio.shield(entry.loading)
@@ -161,8 +155,9 @@ class Registry:
         model = await self.acquire(entry.id)
         try:
             # Unloaded or swapped out meanwhile, the model still has its own charge.
-            measured = await measure(model, lambda: self.footprint(entry) if entry.model is model else model.charge,
-                                     latency_texts)  # fmt: skip
+            measured = await measure(
+                model, lambda: self.ledger.footprint(entry) if entry.model is model else model.charge, latency_texts
+            )
         finally:
             self.release(model, served=None)
         self.store.state.profiles[measured.key] = measured.as_dict()
@@ -202,9 +197,6 @@ class Registry:
         self._loader.shutdown(wait=True)
         self.store.save(self.store.state.warm)  # with what the unloads released
 
-    def memory_sample(self) -> MemorySample:
-        return self.monitor.sample()
-
     def warm_models(self) -> list[str]:
         """The models loaded at the last stop, most recently used first."""
         return list(self.store.state.warm)
@@ -239,7 +231,7 @@ class Registry:
         try:
             self._make_room(entry, manifest)
             keep_alive = views.default_keep_alive(manifest, self.settings)
-            known = self.known_footprints()
+            known = self.ledger.known_footprints()
             model = await loop.run_in_executor(self._loader, load_model, manifest, self.settings, loop, keep_alive, known)
         except InsufficientMemory as exc:
             log.warning("model %s: not loaded: %s", entry.id, exc.message)
@@ -268,67 +260,14 @@ class Registry:
         else:
             entry.stats.cold_loads += 1
             self.events.model("loaded", entry.id, fingerprint=model.fingerprint, load_ms=round(model.load_seconds * 1e3, 1))
-        self._remember(record, model)
+        self.ledger.remember(record, model)
         record.load_ms = model.load_seconds * 1e3
         self._save()
 
-    def known_footprints(self) -> dict[str, Footprint]:
-        """Measured footprints by fingerprint: they belong to the model's content, whichever id names it."""
-        known = {}
-        for record in self.store.state.models.values():
-            try:
-                known[record.fingerprint] = Footprint.from_dict(record.memory)
-            except (TypeError, KeyError):  # none yet, or written by another version: measured again
-                continue
-        return known
-
-    def _remember(self, record: ModelRecord, model: LoadedModel) -> None:
-        """Record the model's charge and measurement, with the largest working memory it has shown."""
-        record.fingerprint, record.footprint = model.fingerprint, model.charge
-        record.memory = {**asdict(model.footprint), "peak": model.peak}
-
     def _make_room(self, entry: Entry, manifest: Manifest) -> None:
         """Evict what a load of ``manifest`` needs gone, or raise InsufficientMemory."""
-        for model_id in self._evictions_for(entry, manifest):
+        for model_id in self.ledger.evictions_for(entry, manifest):
             self.evict(self.entries[model_id], f"least recently used, to make room for {entry.id}")
-
-    def no_room(self, entry: Entry, manifest: Manifest) -> str | None:
-        """Why a load of ``manifest`` could not fit now, evictions included; None if it could."""
-        try:
-            self._evictions_for(entry, manifest)
-        except InsufficientMemory as exc:
-            return exc.message
-        return None
-
-    def _evictions_for(self, entry: Entry, manifest: Manifest) -> list[str]:
-        """What a load of ``manifest`` needs evicted, or InsufficientMemory."""
-        memory = self.settings.memory
-        sample = self.memory_sample()
-        # Growth the charges do not explain still takes room under the cap.
-        cap = max(1, memory.model_memory_mb * MIB - self.unaccounted) if memory.model_memory_mb else 0
-        budget = cache.Budget(cap, memory.max_loaded_models, sample.available - memory.reserve_mb * MIB)
-        residents = [r for r in self.residents() if r.id != entry.id or entry.model is not None]
-        need = self.estimate(entry.id, manifest)[0]
-        return cache.evictions_to_fit(entry.id, need, residents, budget)
-
-    def residents(self) -> list[cache.Resident]:
-        """Loaded and loading models as the eviction policy sees them."""
-        residents = []
-        for e in self.entries.values():
-            if e.model is not None:
-                idle = e.model.in_flight == 0 and not e.pinned and e.loading is None
-                residents.append(cache.Resident(e.id, self.footprint(e), e.model.last_used, idle))
-            elif e.loading is not None and e.manifest is not None:  # a load under way holds its reservation
-                residents.append(cache.Resident(e.id, self.estimate(e.id, e.manifest)[0], time.time(), False))
-        return residents
-
-    def estimate(self, model_id: str, manifest: Manifest) -> tuple[int, str]:
-        """Bytes a load will take and where the figure comes from."""
-        return cache.estimate(self.store.recorded(model_id).footprint, manifest)
-
-    def footprint(self, entry: Entry) -> int:
-        """Bytes a loaded model is charged (its own measurement, or a remembered larger one)."""
-        return max(entry.model.charge, self.store.recorded(entry.id).footprint)
 
     def _fail(self, entry: Entry, exc: Exception) -> None:
         message = f"{exc}; fix it and replace the files (a new version is tried at once)"
@@ -357,17 +296,11 @@ class Registry:
         record = self.store.record(model.manifest.id)
         current = self.entries.get(model.manifest.id)
         if record.fingerprint == model.fingerprint and (current is None or current.model in (None, model)):
-            self._remember(record, model)  # not a version swapped out: that would undo the new one's figures
+            self.ledger.remember(record, model)  # not a version swapped out: that would undo the new one's figures
         return asyncio.get_running_loop().run_in_executor(self._loader, model.close)
 
-    def book_charges(self) -> int:
-        """Bytes charged to the loaded models together, which also set the heap guard's limit."""
-        total = sum(self.footprint(e) for e in self.entries.values() if e.model is not None)
-        GUARD.limit = self.idle_rss + total
-        return total
-
     def _save(self) -> None:
-        self.book_charges()  # models came or went
+        self.ledger.book_charges()  # models came or went
         loaded = sorted((e.model for e in self.entries.values() if e.model), key=lambda m: -m.last_used)
         for model in loaded:
             self.store.record(model.manifest.id).last_used = model.last_used

@@ -50,27 +50,27 @@ class Upkeep:
         self.registry.store.retry()  # a state write that failed (full disk) is tried again until it works
 
     def measure_growth(self) -> None:
-        """Set ``registry.unaccounted`` to what the daemon holds beyond its models' charges."""
-        registry = self.registry
+        """Set ``ledger.unaccounted`` to what the daemon holds beyond its models' charges."""
+        registry, ledger = self.registry, self.registry.ledger
         if any(e.loading is not None for e in registry.entries.values()):
             return  # a load's memory is in no charge until it is done: judge the next round
         loaded = {e.id: e for e in registry.entries.values() if e.model is not None}
-        charges = registry.book_charges()  # peaks seen serving may have raised them
+        charges = ledger.book_charges()  # peaks seen serving may have raised them
         batches = {model_id: e.model.batches_run for model_id, e in loaded.items()}
         active = sorted(m for m, e in loaded.items() if e.model.in_flight or batches[m] != self._batches.get(m))
         self._batches = batches
         slack = max(GROWTH_FLOOR, GROWTH_SLACK * charges)
-        excess = process_rss() - registry.idle_rss - charges
+        excess = process_rss() - ledger.idle_rss - charges
         if excess > slack:
             trim_heap()  # freed but kept by the allocator is not growth
-            excess = process_rss() - registry.idle_rss - charges
+            excess = process_rss() - ledger.idle_rss - charges
         grown = excess > slack
-        if grown and excess > 2 * registry.unaccounted:  # said when it appears or doubles, not every round
+        if grown and excess > 2 * ledger.unaccounted:  # said when it appears or doubles, not every round
             log.warning(
                 "the daemon holds %.0f MiB beyond its models' charges of %.0f MiB (models that ran since the last "
                 "check or serving now: %s); counted as memory pressure", excess / MIB, charges / MIB, ", ".join(active) or "none",
             )  # fmt: skip
-        registry.unaccounted = max(0, excess) if grown else 0
+        ledger.unaccounted = max(0, excess) if grown else 0
 
     def expire_idle(self) -> None:
         now = time.time()
@@ -81,10 +81,10 @@ class Upkeep:
 
     def relieve_pressure(self) -> None:
         registry, memory = self.registry, self.registry.settings.memory
-        sample = registry.memory_sample()
+        sample = registry.ledger.memory_sample()
         self._tell_pressure(sample.pressure, sample.source)
-        residents = registry.residents()
-        cap, charged = memory.model_memory_mb * MIB, sum(r.footprint for r in residents) + registry.unaccounted
+        residents = registry.ledger.residents()
+        cap, charged = memory.model_memory_mb * MIB, sum(r.footprint for r in residents) + registry.ledger.unaccounted
         if cap and charged > cap:  # the daemon's own growth pushed it past the cap
             victims = cache.evictions_for_pressure(residents, charged, cap, 1.0)
             self._evict(victims, f"the daemon holds {charged / MIB:.0f} MiB, over memory.model_memory_mb")

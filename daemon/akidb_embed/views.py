@@ -37,7 +37,7 @@ def snapshot(registry: Registry) -> Snapshot:
     """Every entry described, the memory sample and the cache's figures."""
     return Snapshot(
         [describe(registry, entry) for entry in registry.entries.values()], registry.default_id(),
-        registry.memory_sample().as_dict(), registry.unaccounted, registry.evictions,
+        registry.ledger.memory_sample().as_dict(), registry.ledger.unaccounted, registry.evictions,
     )  # fmt: skip
 
 
@@ -46,17 +46,17 @@ def candidate(registry: Registry, entry: Entry) -> Candidate:
     serving = entry.model.manifest if entry.model else entry.manifest
     if serving is None:
         return Candidate(entry.id, None, entry.state, "unverified", 0.0, None, error=entry.error)
-    memory = registry.footprint(entry) if entry.model else registry.estimate(entry.id, serving)[0]
+    memory = registry.ledger.footprint(entry) if entry.model else registry.ledger.estimate(entry.id, serving)[0]
     return Candidate(entry.id, serving, entry.state, _verification(entry, serving), _mb(memory),
                      profile(registry, entry), entry.error or entry.circuit.last_error, entry.circuit.state,
-                     lambda: registry.no_room(entry, serving))  # fmt: skip
+                     lambda: registry.ledger.no_room(entry, serving))  # fmt: skip
 
 
 def describe(registry: Registry, entry: Entry) -> dict[str, Any]:
     """One catalog entry as the ``models`` reply lists it."""
     serving = entry.model.manifest if entry.model else entry.manifest
     info = serving.describe() if serving else {"id": entry.id}
-    estimate, source = registry.estimate(entry.id, serving) if serving else (0, "unknown")
+    estimate, source = registry.ledger.estimate(entry.id, serving) if serving else (0, "unknown")
     info.update(
         state=entry.state, error=entry.error, update_error=entry.update_error, path=str(entry.path),
         default=entry.id == registry.default_id(),
@@ -73,7 +73,7 @@ def describe(registry: Registry, entry: Entry) -> dict[str, Any]:
             last_used=model.last_used, in_flight=model.in_flight, requests=model.requests, served=model.served,
             load_ms=round(model.load_seconds * 1e3, 1), queued_texts=model.queued_texts,
             batches=model.batches_run, keep_alive=model.keep_alive,
-            memory_mb=_mb(registry.footprint(entry)), memory_source="measured",
+            memory_mb=_mb(registry.ledger.footprint(entry)), memory_source="measured",
             weights_mb=_mb(model.footprint.weights), work_mb=_mb(model.footprint.work), peak_mb=_mb(model.peak),
             threads=model.footprint.tuning.threads, run_cost_tokens=model.footprint.tuning.run_cost_tokens,
             batch_tokens=model.batcher.rule.max_tokens,
