@@ -7,8 +7,7 @@ once its requests finish. ``acquire`` hands out reference-counted models, loadin
 (one load however many ask, unless the entry's circuit is open: ``circuit.py``), after evicting
 least recently used idle models until the new one fits the budget (``ledger.py`` keeps the charges
 and says what a load needs evicted). ``snapshot``, ``describe`` and ``candidates`` hand out copies
-(``views.py``) for ``status``, ``models`` and routing, so no module but the registry and its views
-reads the registry's fields.
+(``views.py``) for ``status``, ``models`` and routing.
 Everything here runs on the event-loop thread; loads and unloads run on the loader thread.
 """
 
