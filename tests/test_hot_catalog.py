@@ -41,18 +41,18 @@ def other_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_a_manifest_renamed_into_place_serves_within_a_second(daemon: Daemon, tiny_models: dict[str, Path]) -> None:
+def test_a_manifest_renamed_into_place_is_listed_within_a_second_and_serves(
+    daemon: Daemon, tiny_models: dict[str, Path]
+) -> None:
+    """The watcher's promise is timed (a second, with its 0.15 s debounce); the first load that follows is not:
+    it measures the new version in a child process, which a busy machine slows by seconds."""
     started = time.monotonic()
     place(daemon.catalog, "hot", tiny_models["encoder"])
-    with daemon.client(timeout=5) as client:
-        while True:
-            try:
-                assert client.embed("hot add", model="hot").model == "hot"
-                break
-            except errors.UnknownModel:
-                assert time.monotonic() - started < 1.0, "not served within 1 s"
-                time.sleep(0.01)
-    assert time.monotonic() - started < 1.0
+    with daemon.client(timeout=30) as client:
+        while "hot" not in {m["id"] for m in client.models()}:
+            assert time.monotonic() - started < 1.0, "not listed within 1 s"
+            time.sleep(0.01)
+        assert client.embed("hot add", model="hot").model == "hot"
 
 
 def test_atomic_replace_swaps_while_clients_embed_without_an_error(
