@@ -26,6 +26,12 @@ SEEDED_TUNING = {"threads": 0, "run_cost_tokens": 16, "batch_tokens": 16384, "th
 TEST_MODEL_ROOTS = [tempfile.gettempdir(), str(REPO / ".dev")]
 
 
+def with_ctrl_c() -> None:
+    """``preexec_fn`` of a child a test interrupts: Ctrl-C must reach it even when the suite itself runs with
+    SIGINT ignored, as a background job of a shell without job control does and passes on to its children."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class Daemon:
     """A running daemon; ``log()`` is what it wrote to stderr so far."""

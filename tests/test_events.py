@@ -22,7 +22,7 @@ from akidb_embed_client import Client, Event, EventStream, ModelUnavailable
 from akidb_embed_client.aio import AsyncClient
 from akidb_embed_client.events import EventReader
 from akidb_embed_client.protocol import encode_event, events_socket_path
-from daemon_process import REPO, Daemon, run_daemon
+from daemon_process import REPO, Daemon, run_daemon, with_ctrl_c
 from test_hot_catalog import other_encoder, place  # noqa: F401 - other_encoder is a fixture
 
 POLL = 0.2  # seconds one pass over the stream waits for more
@@ -190,7 +190,8 @@ def read_line(stream, deadline: float) -> str:
 
 def test_the_events_command_prints_a_load_as_json_and_stops_on_ctrl_c(daemon: Daemon) -> None:
     command = [sys.executable, "-m", "akidb_embed", "events", "--socket", str(daemon.socket), "--json"]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             preexec_fn=with_ctrl_c)  # fmt: skip
     try:
         deadline = time.monotonic() + 20
         assert "listening" in read_line(child.stderr, deadline)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pexpect
 import pyte
 from akidb_embed import top
-from daemon_process import REPO, Daemon, run_daemon
+from daemon_process import REPO, Daemon, run_daemon, with_ctrl_c
 
 ROWS, COLUMNS = 30, 160
 
@@ -22,7 +22,8 @@ class Terminal:
         self.screen = pyte.Screen(COLUMNS, ROWS)
         self.stream = pyte.ByteStream(self.screen)
         self.child = pexpect.spawn(sys.executable, ["-m", "akidb_embed", "top", "--socket", socket, "--interval", "0.3"],
-                                   cwd=str(REPO), dimensions=(ROWS, COLUMNS), env={"TERM": "xterm", "PATH": "/usr/bin:/bin"})  # fmt: skip
+                                   cwd=str(REPO), dimensions=(ROWS, COLUMNS), env={"TERM": "xterm", "PATH": "/usr/bin:/bin"},
+                                   preexec_fn=with_ctrl_c)  # fmt: skip
 
     def text(self) -> str:
         try:
