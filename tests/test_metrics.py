@@ -89,9 +89,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the process's open sockets, from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed while listed: the daemon opens and closes files as it runs
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
 def listening(pid: int) -> set[tuple[str, int]]:
     """(address, port) of the process's listening TCP sockets, IPv4 and IPv6, from /proc."""
-    inodes = {os.readlink(fd)[8:-1] for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd).startswith("socket:[")}
+    inodes = socket_inodes(pid)
     found = set()
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
